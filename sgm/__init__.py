@@ -1,0 +1,1 @@
+"""sgm: train SDXL-class text-to-image diffusion models."""

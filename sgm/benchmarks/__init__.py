@@ -1,0 +1,1 @@
+"""Throughput and FLOP benchmarks, runnable as `python -m sgm.benchmarks.<name>`."""

@@ -1,0 +1,1 @@
+"""Plain PyTorch modules: UNet, attention blocks, VAE, text encoders, conditioner."""

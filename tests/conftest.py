@@ -1,0 +1,59 @@
+"""Shared fixtures: reference key lists, tiny models, offline settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REFERENCE_DIR = Path(__file__).parent / "reference"
+
+
+def read_reference_layout(name: str) -> dict[str, tuple[int, ...]]:
+    """Official key -> shape from tests/reference/<name>_keys.tsv (copied from the released files)."""
+    layout = {}
+    for line in (REFERENCE_DIR / f"{name}_keys.tsv").read_text().splitlines():
+        key, _, shape = line.partition("\t")
+        layout[key] = tuple(int(d) for d in shape.split(",") if d)
+    return layout
+
+
+@pytest.fixture(scope="session")
+def base_reference() -> dict[str, tuple[int, ...]]:
+    return read_reference_layout("sdxl_base")
+
+
+@pytest.fixture(scope="session")
+def refiner_reference() -> dict[str, tuple[int, ...]]:
+    return read_reference_layout("sdxl_refiner")
+
+
+def tiny_batch(batch_size: int = 2, size: int = 64, refiner: bool = False) -> dict:
+    """A conditioning batch in the training layout, sizes as (h, w), crops as (top, left)."""
+    captions = ["a red circle on a white background", "a blue square"][:batch_size]
+    captions += [f"caption {i}" for i in range(len(captions), batch_size)]
+    batch = {
+        "txt": captions,
+        "original_size_as_tuple": torch.tensor([[size * 2, size * 3]] * batch_size, dtype=torch.float32),
+        "crop_coords_top_left": torch.tensor([[0, 8]] * batch_size, dtype=torch.float32),
+    }
+    if refiner:
+        batch["aesthetic_score"] = torch.full((batch_size,), 6.0)
+    else:
+        batch["target_size_as_tuple"] = torch.tensor([[size, size]] * batch_size, dtype=torch.float32)
+    return batch
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Fill every floating parameter with noise, so zero-initialised layers also take part in checks."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return module

@@ -122,7 +122,8 @@ def test_gradient_checkpointing_recomputes_and_matches():
     inputs = tiny_inputs(cfg)
     calls = [0]
     for block in [*model.input_blocks, model.middle_block, *model.output_blocks]:
-        block.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        # A pre-hook: non-reentrant checkpointing stops recomputation early, before the block returns.
+        block.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     n_blocks = len(model.input_blocks) + 1 + len(model.output_blocks)
 
     def run(checkpointing: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -146,24 +147,24 @@ def test_gradient_checkpointing_recomputes_and_matches():
         model(*inputs)
     model.eval()
     model(*inputs)
-    assert calls[0] == 2 * n_blocks // 2 * 2 // 2 * 2 // 2 * 1 * 2 // 2 * 2 // 2 or calls[0] == 2 * n_blocks // 2 * 1
+    assert calls[0] == 2 * n_blocks  # two forwards, no recomputation
 
 
 def test_tiny_model_overfits_a_fixed_batch():
     torch.manual_seed(0)
-    cfg = tiny_unet_config()
+    cfg = {**tiny_unet_config(), "num_res_blocks": 1}  # the shape of configs/model/tiny.yaml
     model = UNetModel(**cfg)
     x, t, context, y = tiny_inputs(cfg, side=8)
     target = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     losses = []
-    for _ in range(150):
+    for _ in range(40):
         loss = torch.nn.functional.mse_loss(model(x, t, context, y), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] / 5, f"loss went {losses[0]:.4f} -> {losses[-1]:.4f}"
+    assert losses[-1] < losses[0] / 20, f"loss went {losses[0]:.4f} -> {losses[-1]:.4f}"
 
 
 def test_builds_on_meta_and_checkpointing_flag_from_config():
@@ -216,3 +217,13 @@ def test_bad_inputs_fail_with_clear_message():
         model(x, t, context[..., :32], y)
     with pytest.raises(ValueError, match="y"):
         model(x, t, context, y[:, :64])
+
+
+def test_bf16_model_accepts_fp32_inputs():
+    cfg = tiny_unet_config()
+    model = randomize_(UNetModel(**cfg), std=0.05)
+    inputs = tiny_inputs(cfg)
+    reference = model(*inputs)
+    out = model.to(torch.bfloat16)(*inputs)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=0.1, atol=0.1 * reference.abs().max().item())

@@ -28,7 +28,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         context = x if context is None else context
         batch, length, _ = x.shape
-        q, k, v = (self._split_heads(proj(src)) for proj, src in ((self.to_q, x), (self.to_k, context), (self.to_v, context)))
+        q, k, v = (self._split_heads(self.to_q(x)), self._split_heads(self.to_k(context)),
+                   self._split_heads(self.to_v(context)))
         out = F.scaled_dot_product_attention(q, k, v)  # default scale = dim_head ** -0.5
         return self.to_out(out.transpose(1, 2).reshape(batch, length, -1))
 
@@ -82,7 +83,9 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """GroupNorm, Linear proj_in over pixels as tokens, `depth` transformer blocks, zero-init proj_out, residual."""
 
-    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, groups: int = 32) -> None:
+    def __init__(
+        self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, groups: int = 32
+    ) -> None:
         super().__init__()
         inner = heads * dim_head
         self.norm = GroupNorm32(groups, channels, eps=1e-6)

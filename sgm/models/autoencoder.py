@@ -109,9 +109,10 @@ class AutoencoderKL(nn.Module):
         return self.decode(self.encode(images).mode())
 
     def _prepare(self, x: Tensor, what: str) -> Tensor:
-        """Refuse float16 weights or inputs, then cast the input to the VAE's dtype."""
+        """Refuse float16 weights; cast the input (float16 too, e.g. from an fp16 UNet) to the VAE's dtype."""
         if self.dtype == torch.float16:
-            raise ValueError(f"{_FP16_MESSAGE}: the VAE's parameters are float16 (call vae.float() or vae.bfloat16())")
-        if x.dtype == torch.float16:
-            raise ValueError(f"{_FP16_MESSAGE}: got float16 {what} (pass them as float32 or bfloat16)")
+            raise ValueError(
+                f"{_FP16_MESSAGE}: the VAE's parameters are float16 (call vae.float() or vae.bfloat16()); "
+                f"refusing to run it on {what}"
+            )
         return x.to(self.dtype)

@@ -56,9 +56,8 @@ class UNetModel(nn.Module):
     ) -> None:
         super().__init__()
         channel_mult, transformer_depth = tuple(channel_mult), tuple(transformer_depth)
-        _check_config(
-            model_channels, channel_mult, transformer_depth, transformer_depth_middle, num_head_channels, norm_num_groups
-        )
+        _check_config(model_channels, channel_mult, transformer_depth, transformer_depth_middle,
+                      num_head_channels, norm_num_groups)
         self.in_channels, self.out_channels, self.model_channels = in_channels, out_channels, model_channels
         self.context_dim, self.adm_in_channels = context_dim, adm_in_channels
         self.num_levels = len(channel_mult)
@@ -106,7 +105,9 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(UNetBlock(*layers))
 
         self.out = nn.Sequential(
-            GroupNorm32(groups, ch, eps=1e-5), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1))
+            GroupNorm32(groups, ch, eps=1e-5),
+            nn.SiLU(),
+            zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)),
         )
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
@@ -116,9 +117,11 @@ class UNetModel(nn.Module):
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor) -> Tensor:
         """x [B, C, H, W], timesteps [B] (discrete index), context [B, T, context_dim], y [B, adm_in_channels]."""
         self._check_inputs(x, context, y)
-        weight_dtype = self.time_embed[0].weight.dtype
-        t_emb = timestep_embedding(timesteps, self.model_channels).to(weight_dtype)
-        emb = self.time_embed(t_emb) + self.label_emb(y.to(weight_dtype))
+        # Inputs follow the parameter dtype (no-op in fp32 / autocast), so a bf16 model takes fp32 latents and text.
+        dtype = self.time_embed[0].weight.dtype
+        x, context = x.to(dtype), context.to(dtype)
+        t_emb = timestep_embedding(timesteps, self.model_channels).to(dtype)
+        emb = self.time_embed(t_emb) + self.label_emb(y.to(dtype))
 
         skips, h = [], x
         for block in self.input_blocks:

@@ -57,3 +57,13 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> tor
         for param in module.parameters():
             param.copy_(torch.randn(param.shape, generator=generator) * std)
     return module
+
+
+def fresh_tiny_model(seed: int = 0):
+    """The tiny config, seeded, with its conditioner and VAE frozen as in training."""
+    from sgm.models.build import build_model
+
+    torch.manual_seed(seed)
+    model = build_model("tiny")
+    model.freeze_frozen_parts()
+    return model

@@ -7,17 +7,14 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_batch
+from conftest import fresh_tiny_model, tiny_batch
 from sgm.models.build import build_model
 from sgm.models.conditioner import Conditioner, FourierEmbedder
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    model = build_model("tiny")
-    model.freeze_frozen_parts()
-    return model
+    return fresh_tiny_model()
 
 
 def reference_fourier(value: float, dim: int = 256) -> torch.Tensor:

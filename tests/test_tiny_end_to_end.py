@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import randomize_, tiny_batch
+from conftest import fresh_tiny_model, randomize_, tiny_batch
 from sgm.demo import run as run_demo
 from sgm.diffusion.denoiser import DiscreteDenoiser, EpsScaling
 from sgm.diffusion.loss import DiffusionLoss
@@ -20,10 +20,7 @@ from sgm.models.build import build_model
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    model = build_model("tiny")
-    model.freeze_frozen_parts()
-    return model
+    return fresh_tiny_model()
 
 
 def test_tiny_model_overfits_a_fixed_batch_with_the_sdxl_loss(tiny):

@@ -1,0 +1,1 @@
+"""Data pipeline: shard writing and reading, decoding with size/crop conditioning, buckets."""

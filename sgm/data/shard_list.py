@@ -1,0 +1,209 @@
+"""Shards: expand what a user writes into shard URLs, split them into data slots, read one.
+
+Accepted forms (a string, or a list of strings, each expanded in turn):
+- brace patterns, `shards-{00000..00009}.tar` (the `braceexpand` package webdataset uses);
+- local globs, `/data/cc12m/*.tar` (sorted, so every rank sees the same order);
+- plain local paths (checked up front: missing ones end in one error naming them);
+- `pipe:<command>` and URLs with a scheme webdataset's `gopen` opens (http, https, gs, ...),
+  passed through unchecked, since only the reader can tell whether they open.
+
+Slots. Every reader of the job is one data slot: num_slots = world_size * max(num_workers, 1),
+slot = rank * max(num_workers, 1) + worker_id. Each epoch permutes the shard list with an RNG
+seeded by (seed, epoch), identically on every rank, and deals it out:
+- len(shards) >= num_slots: slot s reads order[s::num_slots], whole shards;
+- fewer shards than slots: every slot reads every shard (in the epoch's order) and keeps only
+  the samples whose running index i within the shard has i % num_slots == s. Correct (disjoint
+  and complete within an epoch) but every slot reads all the bytes; write more shards than
+  slots for real runs.
+
+Reading (`iter_shard`): tar members come in order from webdataset's `gopen` + `tar_file_iterator`
+(so pipe:/URL shards and compressed tars behave as in webdataset); consecutive members sharing a
+key form one sample. A shard failure is reported once, by reason: "unreadable_shard" (cannot be
+opened, or not a tar), "truncated_tar" (breaks after its first member header: the samples
+before are kept, the sample being assembled is dropped unless the broken member already belongs
+to the next sample, the rest of the shard is unreachable). Python's tarfile reads a tar cut at a
+member boundary as a shorter, valid tar; that case cannot be told apart and is not counted.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import braceexpand
+import numpy as np
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from sgm.data.decode import BAD_SAMPLE_REASONS, BadSample, BadSampleCounter
+
+# Schemes webdataset 1.0.2's gopen can open (gopen_schemes, plus file:).
+OPENABLE_SCHEMES = ("file", "pipe", "http", "https", "sftp", "ftps", "scp", "gs", "htgs", "hf", "ais")
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+LOADER_BAD_REASONS: tuple[str, ...] = BAD_SAMPLE_REASONS + (
+    "truncated_tar",  # a shard ends (or breaks) inside a member
+    "unreadable_shard",  # a shard cannot be opened or is not a tar
+    "missing_image",  # no jpg/jpeg/png/webp member
+    "missing_caption",  # no txt member
+    "bad_caption",  # txt is not UTF-8
+    "bad_json",  # json unparsable, not an object, or a non-positive original size
+    "duplicate_member",  # two members with the same key and extension
+    "too_small",  # original size below min_size (a filter, not a defect)
+)
+_PERMUTATION_DOMAIN = 2  # separates this RNG stream from the stream's others (see stream.py)
+
+
+def expand_shards(shards: str | Sequence[str]) -> list[str]:
+    """Shard URLs in order: braces expanded, local globs sorted, missing local files refused.
+
+    Raises ValueError for an empty result, an unopenable scheme, a glob with no match, or local
+    paths that do not exist (all of them named in one message).
+    """
+    patterns = [shards] if isinstance(shards, str) else list(shards)
+    if not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"shards must be a string or a list of strings, got {shards!r}")
+    urls: list[str] = []
+    missing: list[str] = []
+    for pattern in patterns:
+        for item in braceexpand.braceexpand(pattern.strip()):
+            scheme = _scheme(item)
+            if scheme not in (None, "file"):
+                if scheme not in OPENABLE_SCHEMES:
+                    raise ValueError(
+                        f"shard {item!r}: webdataset cannot open {scheme}:// URLs directly. "
+                        f"Stream it through a command instead, e.g. 'pipe:aws s3 cp {item} -'."
+                    )
+                urls.append(item)
+                continue
+            path = item[len("file://") :] if scheme == "file" else item
+            if _GLOB_CHARS.search(path):
+                matches = sorted(glob.glob(os.path.expanduser(path)))
+                if not matches:
+                    raise ValueError(f"shard pattern {item!r} matches no file. Check the path and the pattern.")
+                urls.extend(matches)
+            elif not os.path.isfile(os.path.expanduser(path)):
+                missing.append(item)
+            else:
+                urls.append(item)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(
+            f"{len(missing)} shard file(s) do not exist: {shown}. Fix the shard path or pattern "
+            "(brace ranges like shards-{00000..00009}.tar are expanded), or build the shards first."
+        )
+    if not urls:
+        raise ValueError(f"shard list {shards!r} is empty. Give at least one .tar shard.")
+    return urls
+
+
+def _scheme(item: str) -> str | None:
+    match = _SCHEME.match(item)
+    if match is None or len(match.group(1)) == 1:  # "C:" is a drive letter, not a scheme
+        return None
+    if match.group(1).lower() != "pipe" and not item[match.end() :].startswith("//"):
+        return None  # "name:with:colons.tar" is a local file
+    return match.group(1).lower()
+
+
+def epoch_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    """The epoch's permutation of shard indices; identical on every rank and worker."""
+    rng = np.random.default_rng([_PERMUTATION_DOMAIN, seed % (1 << 64), epoch])
+    return [int(i) for i in rng.permutation(num_shards)]
+
+
+def slot_shards(num_shards: int, seed: int, epoch: int, slot: int, num_slots: int) -> tuple[list[int], bool]:
+    """(shard indices slot `slot` reads in `epoch`, in order; whether it must stride samples).
+
+    With stride True the slot reads every shard and keeps samples with index % num_slots == slot.
+    """
+    if not 0 <= slot < num_slots:
+        raise ValueError(f"slot {slot} out of range for {num_slots} slots")
+    order = epoch_order(num_shards, seed, epoch)
+    if num_shards >= num_slots:
+        return order[slot::num_slots], False
+    return order, True
+
+
+def num_slots_for(world_size: int, num_workers: int) -> int:
+    """Readers in the whole job: one per DataLoader worker per rank (num_workers=0 counts as 1)."""
+    if world_size < 1 or num_workers < 0:
+        raise ValueError(f"world_size must be >= 1 and num_workers >= 0, got {world_size}, {num_workers}")
+    return world_size * max(num_workers, 1)
+
+
+class LoaderBadCounter(BadSampleCounter):
+    """BadSampleCounter that also accepts the reader's reasons (LOADER_BAD_REASONS)."""
+
+    def add(self, reason: str | BadSample, count: int = 1) -> None:
+        reason = reason.reason if isinstance(reason, BadSample) else reason
+        if reason not in LOADER_BAD_REASONS:
+            raise ValueError(f"unknown bad-sample reason {reason!r}; use one of {LOADER_BAD_REASONS}")
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+        if count:
+            self._counts[reason] = self._counts.get(reason, 0) + count
+
+
+def iter_shard(url: str, on_error: Callable[[str, str], None]) -> Iterator[dict[str, Any]]:
+    """Samples of one tar in member order: {"__key__", "__url__", ext: bytes, ...}.
+
+    Members are read with webdataset's tar reader; consecutive members sharing a key form one
+    sample. Shard failures go to on_error("unreadable_shard" | "truncated_tar", detail).
+    """
+    try:
+        stream = gopen(url)
+    except Exception as error:  # noqa: BLE001 - any open failure is a property of the shard
+        on_error("unreadable_shard", f"{url}: {type(error).__name__}: {error}")
+        return
+    last_member: list[str] = []  # name of the member being read when a read fails
+    member_errors: list[BaseException] = []
+
+    def select(name: str) -> bool:
+        last_member[:] = [name]
+        return True
+
+    def stop(error: BaseException) -> bool:
+        member_errors.append(error)
+        return False
+
+    current: dict[str, Any] | None = None
+    error: BaseException | None = None
+    try:
+        for member in tar_file_iterator(stream, handler=stop, select_files=select):
+            prefix, suffix = base_plus_ext(member["fname"])
+            if prefix is None:
+                continue
+            if current is not None and prefix != current["__key__"]:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": prefix, "__url__": url}
+            suffix = suffix.lower()
+            if suffix in current:
+                current.setdefault("__duplicate__", suffix)
+            else:
+                current[suffix] = member["data"]
+    except Exception as raised:  # noqa: BLE001 - header/stream failures end the shard
+        error = raised
+    finally:
+        try:
+            stream.close()
+        except Exception:  # noqa: BLE001, S110 - a pipe closed early may report its exit status
+            pass
+    error = member_errors[0] if member_errors else error
+    if error is None:
+        if current is not None:
+            yield current
+        return
+    detail = f"{url}: {type(error).__name__}: {error.args[0] if error.args else ''}"
+    if not last_member:
+        on_error("unreadable_shard", detail)
+        return
+    broken_key = base_plus_ext(last_member[0])[0] if member_errors else None
+    if current is not None and broken_key is not None and broken_key != current["__key__"]:
+        yield current  # the broken member starts the next sample: this one is complete
+    on_error("truncated_tar", detail)

@@ -1,0 +1,362 @@
+"""One data slot's infinite, deterministic stream of bucketed batches, resumable from a snapshot.
+
+Pipeline per slot (a slot is one DataLoader worker of one rank, see shard_list.py):
+read -> shuffle buffer -> decode -> bucket buffers -> batch.
+- Read: the slot's shards for the epoch (shard_list.slot_shards), each read by
+  shard_list.iter_shard. Each raw sample is tagged with its position (epoch, shard index in
+  the shard list, sample offset in the shard). Epochs repeat forever (each re-permuted)
+  unless `num_epochs` is set (tests, evaluation); a finite stream flushes partial batches.
+- Shuffle: a buffer of `shuffle_buffer` raw samples; a numpy Generator picks which one leaves
+  as each new one arrives. Its bit_generator.state is plain JSON.
+- Decode: image from the first of jpg/jpeg/png/webp, caption from txt, original size from the
+  json's (original_height, original_width) when present (img2dataset stores resized copies),
+  else the decoded size. The bucket is chosen by the DECODED aspect ratio (`bucket_by`), since
+  that is the image that gets cropped; with img2dataset's keep-ratio resize both agree. The
+  optional `min_size` filter tests the recorded original size (the resolution the photo had).
+  Resize and crop draw from an RNG seeded by (seed, epoch, shard, offset), so re-processing a
+  sample after a resume gives the same pixels and crop coordinates.
+- Bucket: one buffer per bucket; a full one (batch_size samples) leaves as one batch.
+
+Bad input never stops the stream: each bad sample or shard is counted by reason
+(shard_list.LOADER_BAD_REASONS) and skipped; a broken shard counts again in every epoch that
+reads it. `seen` counts decoded samples plus one per shard event, so bad/seen is a fraction.
+After `heartbeat_every` samples without a batch the stream yields (None, snapshot), so the
+main process sees the counts (and can stop an all-bad run) instead of waiting forever; a
+finite stream ends with one such item. A slot that reads no sample in a whole epoch raises.
+
+Snapshots. With each batch (or heartbeat) the stream yields a small JSON-able snapshot: the
+read cursor, the shuffle RNG state, and the POSITIONS of the samples held in the shuffle and
+bucket buffers (not their bytes). A stream built with that snapshot re-reads those samples from
+their shards, re-processes them (deterministically), and continues at the cursor, so its output
+equals the uninterrupted stream's from there on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from sgm.data.buckets import assign_bucket
+from sgm.data.crop import CROP_MODES, CroppedSample, resize_and_crop
+from sgm.data.decode import BadSample, decode_image
+from sgm.data.shard_list import LoaderBadCounter, iter_shard, slot_shards
+
+FILTER_REASONS: tuple[str, ...] = ("too_small",)  # counted, but not as defects
+IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+BUCKET_BY = ("decoded", "original")
+SNAPSHOT_VERSION = 1
+_SAMPLE_DOMAIN, _SHUFFLE_DOMAIN = 0, 1
+Position = tuple[int, int, int]  # (epoch, shard index in the shard list, sample offset in the shard)
+_log = logging.getLogger(__name__)
+
+
+class _Skip(Exception):
+    """Raised inside the stream for a sample to skip; `reason` is one of LOADER_BAD_REASONS."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Everything that determines a slot's output; `fingerprint()` guards resumes."""
+
+    shards: tuple[str, ...]
+    buckets: tuple[tuple[int, int], ...]
+    batch_size: int
+    seed: int = 0
+    shuffle_buffer: int = 1000
+    flip_probability: float = 0.0
+    crop: str = "random"
+    bucket_by: str = "decoded"
+    min_size: int | None = None
+    max_pixels: int | None = 178_956_970
+    num_epochs: int | None = None
+    heartbeat_every: int = 1000
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.shards:
+            problems.append("shards is empty")
+        if not self.buckets or any(len(b) != 2 or min(b) <= 0 for b in self.buckets):
+            problems.append(f"buckets must be positive (h, w) pairs, got {self.buckets!r}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.shuffle_buffer < 0:
+            problems.append(f"shuffle_buffer must be >= 0 (0 or 1: no shuffling), got {self.shuffle_buffer}")
+        if not 0.0 <= self.flip_probability <= 1.0:
+            problems.append(f"flip_probability must lie in [0, 1], got {self.flip_probability}")
+        if self.crop not in CROP_MODES:
+            problems.append(f"crop must be one of {CROP_MODES}, got {self.crop!r}")
+        if self.bucket_by not in BUCKET_BY:
+            problems.append(f"bucket_by must be one of {BUCKET_BY}, got {self.bucket_by!r}")
+        if self.min_size is not None and self.min_size < 1:
+            problems.append(f"min_size must be None (off) or >= 1, got {self.min_size}")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            problems.append(f"num_epochs must be None (endless) or >= 1, got {self.num_epochs}")
+        if self.heartbeat_every < 1:
+            problems.append(f"heartbeat_every must be >= 1, got {self.heartbeat_every}")
+        if problems:
+            raise ValueError("invalid data stream config: " + "; ".join(problems))
+
+    def fingerprint(self) -> dict[str, Any]:
+        """JSON-able summary compared on resume (the shard list as count, hash, first shard)."""
+        fields = {k: v for k, v in asdict(self).items() if k != "shards"}
+        fields["buckets"] = [list(b) for b in self.buckets]
+        digest = hashlib.sha256("\n".join(self.shards).encode()).hexdigest()[:16]
+        fields["shards"] = {"count": len(self.shards), "hash": digest, "first": self.shards[0]}
+        return fields
+
+
+def _positive_int(value: Any) -> int | None:
+    """A positive whole number (1024 or 1024.0), else None; json may hold NaN, inf, strings."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return int(value) if value == int(value) and value > 0 else None
+
+
+@dataclass
+class _Processed:
+    position: Position
+    key: str
+    caption: str
+    crop: CroppedSample
+    bucket: int
+
+
+class SlotStream:
+    """Iterate to get (batch or None, snapshot) pairs for data slot `slot` of `num_slots`."""
+
+    def __init__(
+        self, config: StreamConfig, slot: int, num_slots: int, snapshot: dict | None = None, start_epoch: int = 0
+    ) -> None:
+        """Start fresh at `start_epoch`, or continue exactly where `snapshot` was taken."""
+        self.config, self.slot, self.num_slots = config, slot, num_slots
+        slot_shards(len(config.shards), config.seed, 0, slot, num_slots)  # validates slot
+        self._seed = config.seed % (1 << 64)
+        self.epoch, self.shard_k, self.offset, self.epoch_reads = start_epoch, 0, 0, 0
+        self.rng = np.random.default_rng([_SHUFFLE_DOMAIN, self._seed, slot])
+        self.bad = LoaderBadCounter()
+        self.seen, self.batches, self.since_batch = 0, 0, 0
+        self.shuffle: list[tuple[Position, dict]] = []
+        self.buckets: list[list[_Processed]] = [[] for _ in config.buckets]
+        self._snapshot = snapshot
+        self._started = False
+        if snapshot is not None:
+            self._load_scalars(snapshot)
+
+    def __iter__(self) -> Iterator[tuple[dict | None, dict]]:
+        if self._started:
+            raise RuntimeError("a SlotStream can be iterated only once; build a new one from a snapshot")
+        self._started = True
+        if self._snapshot is not None:
+            self._restore_buffers(self._snapshot)
+        for position, raw in self._raw_samples():
+            if self.config.shuffle_buffer <= 1:
+                yield from self._consume(position, raw)
+            elif len(self.shuffle) < self.config.shuffle_buffer:
+                self.shuffle.append((position, raw))
+            else:
+                index = int(self.rng.integers(len(self.shuffle)))
+                leaving, self.shuffle[index] = self.shuffle[index], (position, raw)
+                yield from self._consume(*leaving)
+        while self.shuffle:  # only a finite stream (num_epochs) gets here
+            yield from self._consume(*self.shuffle.pop(int(self.rng.integers(len(self.shuffle)))))
+        for bucket in range(len(self.buckets)):
+            if self.buckets[bucket]:
+                yield self._emit(bucket), self.snapshot()
+        yield None, self.snapshot()  # the final counts, including samples after the last batch
+
+    # -- reading -------------------------------------------------------------------------------
+    def _raw_samples(self) -> Iterator[tuple[Position, dict]]:
+        config, num_shards = self.config, len(self.config.shards)
+        while config.num_epochs is None or self.epoch < config.num_epochs:
+            shard_ids, stride = slot_shards(num_shards, config.seed, self.epoch, self.slot, self.num_slots)
+            while self.shard_k < len(shard_ids):
+                shard_id, skip = shard_ids[self.shard_k], self.offset
+                for offset, raw in enumerate(iter_shard(config.shards[shard_id], self._shard_event)):
+                    if offset < skip:
+                        continue
+                    self.offset = offset + 1  # the cursor points past the sample while it is out
+                    if stride and offset % self.num_slots != self.slot:
+                        continue
+                    self.epoch_reads += 1
+                    yield (self.epoch, shard_id, offset), raw
+                self.shard_k, self.offset = self.shard_k + 1, 0
+            if self.epoch_reads == 0 and config.num_epochs is None:
+                raise RuntimeError(
+                    f"data slot {self.slot} of {self.num_slots} read no sample in epoch {self.epoch} "
+                    f"(bad counts so far: {self.bad.as_dict()}). Check that the shards are readable "
+                    "tars, or give more samples/shards than world_size * num_workers data slots."
+                )
+            self.epoch, self.shard_k, self.offset, self.epoch_reads = self.epoch + 1, 0, 0, 0
+
+    def _shard_event(self, reason: str, detail: str) -> None:
+        _log.warning("data slot %d skips the rest of a shard (%s): %s", self.slot, reason, detail)
+        self.bad.add(reason)
+        self.seen += 1
+        self.since_batch += 1
+
+    # -- decoding and batching -----------------------------------------------------------------
+    def _consume(self, position: Position, raw: dict) -> Iterator[tuple[dict | None, dict]]:
+        self.seen += 1
+        self.since_batch += 1
+        try:
+            sample = self._process(position, raw)
+        except _Skip as skip:
+            self.bad.add(skip.reason)
+        else:
+            self.buckets[sample.bucket].append(sample)
+            if len(self.buckets[sample.bucket]) >= self.config.batch_size:
+                yield self._emit(sample.bucket), self.snapshot()
+                return
+        if self.since_batch >= self.config.heartbeat_every:
+            self.since_batch = 0
+            yield None, self.snapshot()
+
+    def _process(self, position: Position, raw: dict) -> _Processed:
+        """Decode, pick the bucket, resize and crop one raw sample; raises _Skip(reason)."""
+        config = self.config
+        if "__duplicate__" in raw:
+            raise _Skip("duplicate_member")
+        image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+        if image_key is None:
+            raise _Skip("missing_image")
+        if "txt" not in raw:
+            raise _Skip("missing_caption")
+        try:
+            caption = raw["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise _Skip("bad_caption") from None
+        original = self._json_original_size(raw.get("json"))
+        try:
+            image = decode_image(raw[image_key], max_pixels=config.max_pixels)
+        except BadSample as bad:
+            raise _Skip(bad.reason) from None
+        decoded = (image.height, image.width)
+        original = original or decoded
+        if config.min_size is not None and min(original) < config.min_size:
+            raise _Skip("too_small")
+        bucket = assign_bucket(*(decoded if config.bucket_by == "decoded" else original), config.buckets)
+        epoch, shard_id, offset = position
+        rng = np.random.default_rng([_SAMPLE_DOMAIN, self._seed, epoch, shard_id, offset])
+        crop = resize_and_crop(
+            image, config.buckets[bucket], crop=config.crop, flip_probability=config.flip_probability,
+            rng=rng, original_size_as_tuple=original,
+        )  # fmt: skip
+        return _Processed(position, raw["__key__"], caption, crop, bucket)
+
+    @staticmethod
+    def _json_original_size(data: bytes | None) -> tuple[int, int] | None:
+        """(original_height, original_width) from img2dataset's json; None when not given."""
+        if data is None:
+            return None
+        try:
+            meta = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise _Skip("bad_json") from None
+        if not isinstance(meta, dict):
+            raise _Skip("bad_json")
+        height, width = meta.get("original_height"), meta.get("original_width")
+        if height is None or width is None:
+            return None
+        size = (_positive_int(height), _positive_int(width))
+        if None in size:
+            raise _Skip("bad_json")
+        return size  # type: ignore[return-value]
+
+    def _emit(self, bucket: int) -> dict[str, Any]:
+        samples, self.buckets[bucket] = self.buckets[bucket], []
+        self.batches += 1
+        self.since_batch = 0
+
+        def sizes(name: str) -> torch.Tensor:
+            return torch.tensor([getattr(s.crop, name) for s in samples], dtype=torch.long)
+
+        return {
+            "jpg": torch.stack([s.crop.pixels for s in samples]),
+            "txt": [s.caption for s in samples],
+            "original_size_as_tuple": sizes("original_size_as_tuple"),
+            "crop_coords_top_left": sizes("crop_coords_top_left"),
+            "target_size_as_tuple": sizes("target_size_as_tuple"),
+            "__key__": [s.key for s in samples],
+        }
+
+    # -- snapshots -----------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """The state after the last yielded item, as plain JSON-able data."""
+        return {
+            "version": SNAPSHOT_VERSION,
+            "slot": self.slot,
+            "num_slots": self.num_slots,
+            "epoch": self.epoch,
+            "cursor": [self.shard_k, self.offset],
+            "epoch_reads": self.epoch_reads,
+            "shuffle_rng": self.rng.bit_generator.state,
+            "shuffle": [list(position) for position, _ in self.shuffle],
+            "buckets": [[b, [list(s.position) for s in held]] for b, held in enumerate(self.buckets) if held],
+            "bad": self.bad.as_dict(),
+            "seen": self.seen,
+            "batches": self.batches,
+            "since_batch": self.since_batch,
+        }
+
+    def _load_scalars(self, snap: dict) -> None:
+        found = (snap.get("version"), snap.get("slot"), snap.get("num_slots"))
+        if found != (SNAPSHOT_VERSION, self.slot, self.num_slots):
+            raise ValueError(
+                f"data snapshot (version, slot, num_slots) = {found} does not fit this stream's "
+                f"{(SNAPSHOT_VERSION, self.slot, self.num_slots)}; restore it into the slot that saved it"
+            )
+        self.epoch, (self.shard_k, self.offset) = snap["epoch"], snap["cursor"]
+        self.epoch_reads, self.rng.bit_generator.state = snap["epoch_reads"], snap["shuffle_rng"]
+        self.bad = LoaderBadCounter(snap["bad"])
+        self.seen, self.batches, self.since_batch = snap["seen"], snap["batches"], snap["since_batch"]
+
+    def _restore_buffers(self, snap: dict) -> None:
+        """Re-read the buffered samples by position and re-process those that sat in buckets."""
+        positions: list[Position] = [tuple(p) for p in snap["shuffle"]]
+        for _, held in snap["buckets"]:
+            positions.extend(tuple(p) for p in held)
+        raws = self._fetch(positions)
+        self.shuffle = [(tuple(p), raws[tuple(p)]) for p in snap["shuffle"]]
+        for bucket, held in snap["buckets"]:
+            for p in held:
+                try:
+                    sample = self._process(tuple(p), raws[tuple(p)])
+                except _Skip as skip:
+                    raise RuntimeError(f"sample at {p} is now bad ({skip.reason}); the shards changed") from None
+                if sample.bucket != bucket:
+                    raise RuntimeError(f"sample at {p} now falls in another bucket; the shards changed")
+                self.buckets[bucket].append(sample)
+
+    def _fetch(self, positions: list[Position]) -> dict[Position, dict]:
+        wanted: dict[int, set[int]] = defaultdict(set)
+        for _, shard_id, offset in positions:
+            wanted[shard_id].add(offset)
+        found: dict[tuple[int, int], dict] = {}
+        for shard_id, offsets in wanted.items():
+            last = max(offsets)
+            for offset, raw in enumerate(iter_shard(self.config.shards[shard_id], lambda *_: None)):
+                if offset in offsets:
+                    found[shard_id, offset] = raw
+                if offset >= last:
+                    break
+        missing = [p for p in positions if (p[1], p[2]) not in found]
+        if missing:
+            shard = self.config.shards[missing[0][1]]
+            raise RuntimeError(
+                f"cannot resume: {len(missing)} buffered sample(s) are gone, e.g. offset {missing[0][2]} of "
+                f"{shard}. The shards changed since the checkpoint; restore them or start without data state."
+            )
+        return {p: found[p[1], p[2]] for p in positions}

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from training_utils import TRAIN_GROUPS, check_train_config
 
 from sgm.models.build import build_model, config_root, load_model_config, shipped_model_configs
 
@@ -27,6 +28,8 @@ def test_every_shipped_config_loads_and_instantiates(relative, tmp_path_factory)
         assert model.unet.context_dim == model.conditioner.output_dims["crossattn"]
     elif group == "data":
         _check_data_config(cfg, tmp_path_factory)
+    elif group in TRAIN_GROUPS or relative == "train.yaml":
+        check_train_config(relative, tmp_path_factory.mktemp("train"))
     else:  # pragma: no cover - other groups arrive with the training issue
         pytest.fail(f"no loader test for config group '{group}' yet: add one here")
 

@@ -1,0 +1,1 @@
+"""Training engine: the LightningModule, EMA, callbacks, data module, LR schedule and export."""

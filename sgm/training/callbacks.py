@@ -1,0 +1,150 @@
+"""Callbacks: validation samples for fixed prompts and seeds, throughput and data-wait logging."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from PIL import Image
+
+from sgm.inference import generate_latents, latents_to_uint8
+
+
+def image_grid(images: torch.Tensor, columns: int) -> Image.Image:
+    """uint8 [B, H, W, 3] -> one PIL grid image, row-major."""
+    count, height, width, _ = images.shape
+    rows = (count + columns - 1) // columns
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for index, image in enumerate(images.numpy()):
+        grid.paste(Image.fromarray(image), ((index % columns) * width, (index // columns) * height))
+    return grid
+
+
+class SampleImages(pl.Callback):
+    """Every `every_n_steps` optimizer steps (and at the end) sample the prompts, one seed per column.
+
+    Uses the EMA UNet when the module has one. Rank 0 only; the grid (rows = seeds, columns =
+    prompts) goes to `<out_dir>/step_<step>.png` and to the logger when it has `log_image` (wandb).
+    """
+
+    def __init__(
+        self,
+        out_dir: str,
+        prompts: Sequence[str],
+        seeds: Sequence[int] = (0,),
+        every_n_steps: int = 0,
+        height: int = 128,
+        width: int = 128,
+        sampler: Callable[[], Any] | Any = None,
+        guidance_scale: float = 5.0,
+        use_ema: bool = True,
+        at_train_end: bool = True,
+    ) -> None:
+        super().__init__()
+        self.out_dir, self.prompts, self.seeds = Path(out_dir), list(prompts), list(seeds)
+        self.every_n_steps, self.height, self.width = every_n_steps, height, width
+        self.sampler, self.guidance_scale, self.use_ema, self.at_train_end = sampler, guidance_scale, use_ema, at_train_end
+        self.written: list[Path] = []
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.sample(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_train_end and trainer.global_step != self._last_step:
+            self.sample(trainer, pl_module)
+
+    def sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
+        """Write (rank 0) and log the grid for the current step; returns its path."""
+        self._last_step = trainer.global_step
+        if trainer.global_rank != 0:
+            return None
+        model = pl_module.sampling_model(self.use_ema) if hasattr(pl_module, "sampling_model") else pl_module.model
+        was_training = pl_module.training
+        pl_module.eval()
+        rows = []
+        try:
+            for seed in self.seeds:
+                sampler = self.sampler() if callable(self.sampler) else self.sampler
+                with torch.autocast(device_type=pl_module.device.type, enabled=False):
+                    latents = generate_latents(model, self.prompts, self.height, self.width, sampler=sampler,
+                                               denoiser=getattr(pl_module, "denoiser", None),
+                                               guidance_scale=self.guidance_scale, seed=seed)  # fmt: skip
+                rows.append(latents_to_uint8(model, latents))
+        finally:
+            pl_module.train(was_training)
+        grid = image_grid(torch.cat(rows), columns=len(self.prompts))
+        path = self.out_dir / f"step_{trainer.global_step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        self.written.append(path)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="samples", images=[grid], step=trainer.global_step, caption=[" | ".join(self.prompts)])
+        return path
+
+
+class ThroughputMonitor(pl.Callback):
+    """Logs images/s, the fraction of step time spent waiting for data, and skipped samples by reason."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: float | None = None
+        self.images_per_second: list[float] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self._last is None:
+            self._last = time.perf_counter()
+            tracked = getattr(trainer.datamodule, "tracked", None) if trainer.datamodule else None
+            if tracked is not None:
+                tracked.take_wait_seconds()  # the first fetch (worker start-up) is not a step's wait
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        now = time.perf_counter()
+        seconds = max(now - (self._last or now), 1e-9)
+        self._last = now
+        images = int(batch["jpg"].shape[0]) * trainer.world_size
+        self.images_per_second.append(images / seconds)
+        metrics = {"train/images_per_second": images / seconds}
+        datamodule = trainer.datamodule
+        tracked = getattr(datamodule, "tracked", None) if datamodule is not None else None
+        if tracked is not None:
+            metrics["train/data_wait_fraction"] = min(1.0, tracked.take_wait_seconds() / seconds)
+            for reason, count in tracked.loader.bad_counts().items():
+                metrics[f"data/skipped_{reason}"] = float(count)
+        pl_module.log_dict(metrics, batch_size=int(batch["jpg"].shape[0]))
+
+
+class BatchKeyLog(pl.Callback):
+    """Appends `step<TAB>key,key,...` per trained batch (rank 0's batch) to a file: which samples each step saw.
+
+    Cheap, and what a resume check compares: after `resume=auto` the steps must see the same keys
+    as an uninterrupted run.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = Path(path)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_rank != 0:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as stream:
+            stream.write(f"{trainer.global_step}\t{','.join(map(str, batch.get('__key__', [])))}\n")
+
+
+def read_batch_keys(path: str | Path) -> dict[int, list[str]]:
+    """step -> keys from a BatchKeyLog file; a step logged twice (a resumed run) keeps its last entry."""
+    steps: dict[int, list[str]] = {}
+    for line in Path(path).read_text().splitlines():
+        step, _, keys = line.partition("\t")
+        steps[int(step)] = keys.split(",") if keys else []
+    return steps

@@ -1,0 +1,76 @@
+"""`python train.py` end to end in subprocesses: outputs, SIGKILL + resume=auto, 2-process DDP on CPU."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+import torch
+from conftest import fresh_tiny_model
+from training_utils import fast_overrides, make_shards, train_cli
+
+from sgm.checkpoint.io import load_checkpoint
+from sgm.training.callbacks import read_batch_keys
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("demo"), num_samples=48, num_emoji=4, samples_per_shard=12)
+
+
+def check(result) -> None:
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+
+def test_train_py_writes_checkpoint_export_samples_logs_and_config(tmp_path, shards):
+    run_dir = tmp_path / "run"
+    result = train_cli(fast_overrides(run_dir, shards, max_steps=4, every=2))
+    check(result)
+    outputs = json.loads((run_dir / "outputs.json").read_text())
+    for key in ("checkpoint", "export", "samples", "logs", "config"):
+        assert f"[sgm] {key}: " in result.stdout
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "checkpoints" / "step000002.ckpt").is_file()
+    assert outputs["samples"].endswith(".png") and (run_dir / "logs" / "metrics.csv").is_file()
+    assert (run_dir / "config.yaml").read_text().count("max_steps: 4") == 1
+    model = fresh_tiny_model(seed=5)
+    load_checkpoint(model, run_dir / "test_full.safetensors")
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 4
+    assert not any(k.startswith(("model.vae.", "model.conditioner.")) for k in state["state_dict"])
+
+
+def test_sigkill_then_resume_auto_continues_with_the_same_batches(tmp_path, shards):
+    steps, every = 12, 4
+    extra = ["log_batch_keys=true", "data.num_workers=1", "samples.at_train_end=false"]
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    check(train_cli(fast_overrides(reference_dir, shards, steps, every) + extra + ["samples.every_n_steps=0"]))
+    reference = read_batch_keys(reference_dir / "batch_keys.tsv")
+    assert sorted(reference) == list(range(steps))
+
+    process = train_cli(fast_overrides(killed_dir, shards, steps, every) + extra, wait=False)
+    deadline = time.time() + 180
+    while not (killed_dir / "checkpoints" / "step000004.ckpt").is_file():
+        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = read_batch_keys(killed_dir / "batch_keys.tsv")
+    assert max(before) < steps - 1, "the run finished before the kill"
+
+    resumed = train_cli(fast_overrides(killed_dir, shards, steps, every) + extra + ["resume=auto"])
+    check(resumed)
+    assert "resuming from" in resumed.stdout
+    state = torch.load(killed_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == steps
+    after = read_batch_keys(killed_dir / "batch_keys.tsv")
+    assert after == reference  # every step, before and after the resume, saw the reference run's samples
+
+
+def test_wandb_logger_runs_offline_with_no_network(tmp_path, shards):
+    run_dir = tmp_path / "wandb_run"
+    result = train_cli(fast_overrides(run_dir, shards, max_steps=2, every=2) + ["logger=wandb", "logger.offline=true"])
+    check(result)
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))

@@ -132,3 +132,63 @@ def test_dimension_mismatch_between_conditioner_and_unet_is_caught():
     cfg.unet.context_dim = 95
     with pytest.raises(Exception, match="context_dim"):
         build_model(OmegaConf.create(cfg))
+
+
+# -- precomputed (cached) text embeddings ------------------------------------------------------------
+def cached_text(conditioner, captions, dtype=torch.float32) -> dict:
+    return {i: tuple(o.to(dtype) for o in conditioner.embedder_outputs(i, captions))
+            for i in conditioner.text_embedder_indices()}  # fmt: skip
+
+
+def test_cached_text_embeddings_give_the_computed_conditioning(tiny):
+    conditioner = tiny.conditioner
+    batch = tiny_batch(4)
+    sizes = {k: v for k, v in batch.items() if k != "txt"}
+    computed = conditioner(batch)
+    assert conditioner.text_embedder_indices() == [0, 1]
+    exact = conditioner({**sizes, "cached_embeddings": cached_text(conditioner, batch["txt"])})
+    assert all(torch.equal(exact[k], computed[k]) for k in ("crossattn", "vector"))
+    half = conditioner({**sizes, "cached_embeddings": cached_text(conditioner, batch["txt"], torch.float16)})
+    for key in ("crossattn", "vector"):
+        assert half[key].dtype == torch.float32 and not torch.equal(half[key], computed[key])  # fp16 rounded
+        torch.testing.assert_close(half[key], computed[key], rtol=2e-3, atol=2e-3)
+    wrong = {0: (torch.zeros(4, 77, 31),), 1: cached_text(conditioner, batch["txt"])[1]}
+    with pytest.raises(ValueError, match=r"cached_embeddings\[0\] .* another model config"):
+        conditioner({**sizes, "cached_embeddings": wrong})
+
+
+def test_dropout_with_cached_embeddings_equals_live_dropout(tiny):
+    """Same generator, same draws: per-embedder zeroing and caption dropout to "" both match."""
+    conditioner = tiny.conditioner
+    batch = tiny_batch(8)
+    sizes = {k: v for k, v in batch.items() if k != "txt"}
+    cached = {**sizes, "cached_embeddings": cached_text(conditioner, batch["txt"])}
+    old = list(conditioner.ucg_rates)
+    try:
+        conditioner.ucg_rates, conditioner.caption_dropout_rate = [0.3, 0.3, 0.0, 0.0, 0.0], 0.4
+        live = conditioner(batch, apply_dropout=True, generator=torch.Generator().manual_seed(4))
+        got = conditioner(cached, apply_dropout=True, generator=torch.Generator().manual_seed(4))
+    finally:
+        conditioner.ucg_rates, conditioner.caption_dropout_rate = old, 0.0
+    full = conditioner(batch)
+    changed = [i for i in range(8) if not torch.allclose(live["crossattn"][i], full["crossattn"][i])]
+    assert 0 < len(changed) < 8
+    for key in ("crossattn", "vector"):
+        torch.testing.assert_close(got[key], live[key], rtol=1e-5, atol=1e-6)
+
+
+def test_caption_dropout_without_loaded_encoders_uses_the_stored_empty_caption(tiny):
+    with torch.device("meta"):
+        unloaded = build_model("tiny").conditioner
+    batch = tiny_batch(2)
+    sizes = {k: v for k, v in batch.items() if k != "txt"}
+    cached = {**sizes, "cached_embeddings": cached_text(tiny.conditioner, batch["txt"])}
+    unloaded.caption_dropout_rate = 1.0
+    with pytest.raises(RuntimeError, match="weights are not loaded"):
+        unloaded(cached, apply_dropout=True)
+    empty = {i: tuple(o[0] for o in tiny.conditioner.embedder_outputs(i, [""])) for i in (0, 1)}
+    unloaded.set_empty_caption_outputs(empty)
+    dropped = unloaded(cached, apply_dropout=True)
+    want = tiny.conditioner({**batch, "txt": ["", ""]})
+    for key in ("crossattn", "vector"):
+        torch.testing.assert_close(dropped[key], want[key], rtol=1e-5, atol=1e-6)

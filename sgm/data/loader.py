@@ -25,6 +25,9 @@ another shard list, seed, batch size, bucket table, world size or worker count i
 the differences listed, unless on_mismatch="restart_epoch": then every slot restarts (fresh
 buffers) at the earliest epoch any saved slot was in; samples of that epoch may be seen twice.
 
+What a batch holds comes from the stream's processor: `BucketedLoader` decodes images
+(samples.ImageProcessor); `SlotLoader` takes any StreamConfig, e.g. latent_loader.LatentLoader.
+
 Bad input: counts by reason are summed over this rank's slots (`bad_counts()`, for logging)
 and checked against `max_bad_fraction` once `min_seen_for_check` samples were seen; the filter
 reasons (too_small) do not count as bad. Workers send uint8 pixels; normalise in the step.
@@ -39,7 +42,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sgm.data.buckets import Bucket, bucket_table, square_table
-from sgm.data.shard_list import LoaderBadCounter, expand_shards, num_slots_for
+from sgm.data.samples import StreamBadCounter
+from sgm.data.shard_list import expand_shards, num_slots_for
 from sgm.data.stream import FILTER_REASONS, SlotStream, StreamConfig
 
 STATE_VERSION = 1
@@ -70,49 +74,26 @@ class _SlotDataset(IterableDataset):
         yield from SlotStream(self.config, slot, num_slots, self.snapshots.get(str(slot)), self.start_epoch)
 
 
-class BucketedLoader:
-    """Iterate for batches {"jpg" uint8 [B,3,H,W], "txt", "original_size_as_tuple",
-    "crop_coords_top_left", "target_size_as_tuple", "__key__"}, one bucket per batch."""
+class SlotLoader:
+    """Iterate for the batches of a StreamConfig's processor, one bucket per batch, split over
+    ranks and workers into data slots (see the module docstring for resume and batch counts)."""
 
     def __init__(
         self,
-        shards: str | Sequence[str],
+        config: StreamConfig,
         *,
-        batch_size: int,
-        base_resolution: int | None = None,
-        square_size: int | None = None,
-        buckets: Sequence[Bucket] | None = None,
-        seed: int = 0,
         num_workers: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
-        shuffle_buffer: int = 1000,
-        flip_probability: float = 0.0,
-        crop: str = "random",
-        bucket_by: str = "decoded",
-        min_size: int | None = None,
-        max_pixels: int | None = 178_956_970,
-        num_epochs: int | None = None,
         batches_per_epoch: int | None = None,
         max_bad_fraction: float = 0.01,
         min_seen_for_check: int = 1000,
-        heartbeat_every: int = 1000,
         pin_memory: bool = False,
         prefetch_factor: int = 2,
         multiprocessing_context: str | None = None,
         config_key: str = "data.max_bad_fraction",
     ) -> None:
-        """Give exactly one of base_resolution (SDXL multi-aspect table), square_size (one square
-        bucket) or buckets. rank/world_size default to torch.distributed's, else 0/1."""
-        if sum(x is not None for x in (base_resolution, square_size, buckets)) != 1:
-            raise ValueError(
-                "give exactly one of data.base_resolution (multi-aspect buckets), data.square_size "
-                f"(fixed-size stage) or data.buckets; got {base_resolution=}, {square_size=}, {buckets=}"
-            )
-        if base_resolution is not None:
-            table = bucket_table(base_resolution)
-        else:
-            table = square_table(square_size) if square_size is not None else list(buckets or [])
+        """rank/world_size default to torch.distributed's, else 0/1."""
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank = rank if rank is not None else (torch.distributed.get_rank() if dist else 0)
         if world_size is None:
@@ -124,14 +105,9 @@ class BucketedLoader:
             raise ValueError(f"batches_per_epoch must be None (endless) or >= 1, got {batches_per_epoch}")
         if min_seen_for_check < 0:
             raise ValueError(f"min_seen_for_check must be >= 0, got {min_seen_for_check}")
-        LoaderBadCounter().check(max_bad_fraction, 0, config_key)  # validates the fraction
+        StreamBadCounter().check(max_bad_fraction, 0, config_key)  # validates the fraction
         self.num_workers, self.num_slots = num_workers, num_slots_for(self.world_size, num_workers)
-        self.config = StreamConfig(
-            shards=tuple(expand_shards(shards)), buckets=tuple(tuple(int(s) for s in b) for b in table),
-            batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer, flip_probability=flip_probability,
-            crop=crop, bucket_by=bucket_by, min_size=min_size, max_pixels=max_pixels, num_epochs=num_epochs,
-            heartbeat_every=heartbeat_every,
-        )  # fmt: skip
+        self.config = config
         self.batches_per_epoch, self.max_bad_fraction = batches_per_epoch, max_bad_fraction
         self.min_seen_for_check, self.config_key = min_seen_for_check, config_key
         self._loader_kwargs: dict[str, Any] = {"pin_memory": pin_memory}
@@ -196,7 +172,7 @@ class BucketedLoader:
     # -- bad input -----------------------------------------------------------------------------
     def bad_counts(self) -> dict[str, int]:
         """Bad and filtered samples by reason, summed over this rank's slots (for logging)."""
-        total = LoaderBadCounter()
+        total = StreamBadCounter()
         for snapshot in self._snapshots.values():
             total.merge(snapshot["bad"])
         return total.as_dict()
@@ -210,7 +186,7 @@ class BucketedLoader:
         if seen < max(self.min_seen_for_check, 1):
             return
         defects = {r: c for r, c in self.bad_counts().items() if r not in FILTER_REASONS}
-        LoaderBadCounter(defects).check(self.max_bad_fraction, seen, self.config_key)
+        StreamBadCounter(defects).check(self.max_bad_fraction, seen, self.config_key)
 
     # -- state ---------------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
@@ -248,6 +224,52 @@ class BucketedLoader:
             return
         self._items, self._batches, self._start_item = mine["items"], mine["batches"], mine["items"]
         self._snapshots, self._start_epoch = dict(mine["snapshots"]), 0
+
+
+class BucketedLoader(SlotLoader):
+    """Iterate for batches {"jpg" uint8 [B,3,H,W], "txt", "original_size_as_tuple",
+    "crop_coords_top_left", "target_size_as_tuple", "__key__"} (plus "aesthetic_score" float [B],
+    see samples.py), one bucket per batch."""
+
+    def __init__(
+        self,
+        shards: str | Sequence[str],
+        *,
+        batch_size: int,
+        base_resolution: int | None = None,
+        square_size: int | None = None,
+        buckets: Sequence[Bucket] | None = None,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        flip_probability: float = 0.0,
+        crop: str = "random",
+        bucket_by: str = "decoded",
+        min_size: int | None = None,
+        max_pixels: int | None = 178_956_970,
+        num_epochs: int | None = None,
+        heartbeat_every: int = 1000,
+        default_aesthetic_score: float | None = None,
+        **loader_options: Any,
+    ) -> None:
+        """Give exactly one of base_resolution (SDXL multi-aspect table), square_size (one square
+        bucket) or buckets. `loader_options` are SlotLoader's (num_workers, rank, world_size,
+        batches_per_epoch, max_bad_fraction, ...)."""
+        if sum(x is not None for x in (base_resolution, square_size, buckets)) != 1:
+            raise ValueError(
+                "give exactly one of data.base_resolution (multi-aspect buckets), data.square_size "
+                f"(fixed-size stage) or data.buckets; got {base_resolution=}, {square_size=}, {buckets=}"
+            )
+        if base_resolution is not None:
+            table = bucket_table(base_resolution)
+        else:
+            table = square_table(square_size) if square_size is not None else list(buckets or [])
+        config = StreamConfig(
+            shards=tuple(expand_shards(shards)), buckets=tuple(tuple(int(s) for s in b) for b in table),
+            batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer, flip_probability=flip_probability,
+            crop=crop, bucket_by=bucket_by, min_size=min_size, max_pixels=max_pixels, num_epochs=num_epochs,
+            heartbeat_every=heartbeat_every, default_aesthetic_score=default_aesthetic_score,
+        )  # fmt: skip
+        super().__init__(config, **loader_options)
 
 
 def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -1,7 +1,10 @@
 """One data slot's infinite, deterministic stream of bucketed batches, resumable from a snapshot.
 
 Pipeline per slot (a slot is one DataLoader worker of one rank, see shard_list.py):
-read -> shuffle buffer -> decode -> bucket buffers -> batch.
+read -> shuffle buffer -> process -> bucket buffers -> batch.
+What "process" does is a strategy (samples.SampleProcessor): by default the image path below
+(samples.ImageProcessor); `StreamConfig.processor` swaps in another, e.g. cached latents
+(latent_loader.LatentProcessor), bucketed by its own key. Everything else here is shared.
 - Read: the slot's shards for the epoch (shard_list.slot_shards), each read by
   shard_list.iter_shard. Each raw sample is tagged with its position (epoch, shard index in
   the shard list, sample offset in the shard). Epochs repeat forever (each re-permuted)
@@ -14,11 +17,13 @@ read -> shuffle buffer -> decode -> bucket buffers -> batch.
   that is the image that gets cropped; with img2dataset's keep-ratio resize both agree. The
   optional `min_size` filter tests the recorded original size (the resolution the photo had).
   Resize and crop draw from an RNG seeded by (seed, epoch, shard, offset), so re-processing a
-  sample after a resume gives the same pixels and crop coordinates.
-- Bucket: one buffer per bucket; a full one (batch_size samples) leaves as one batch.
+  sample after a resume gives the same pixels and crop coordinates. `aesthetic_score` passes
+  through from the json (see samples.py).
+- Bucket: one buffer per bucket key; a full one (batch_size samples) leaves as one batch; a
+  finite stream flushes the partial ones at its end in bucket-key order.
 
 Bad input never stops the stream: each bad sample or shard is counted by reason
-(shard_list.LOADER_BAD_REASONS) and skipped; a broken shard counts again in every epoch that
+(samples.STREAM_BAD_REASONS) and skipped; a broken shard counts again in every epoch that
 reads it. `seen` counts decoded samples plus one per shard event, so bad/seen is a fraction.
 After `heartbeat_every` samples without a batch the stream yields (None, snapshot), so the
 main process sees the counts (and can stop an all-bad run) instead of waiting forever; a
@@ -34,42 +39,38 @@ equals the uninterrupted stream's from there on.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import math
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
-from sgm.data.buckets import assign_bucket
-from sgm.data.crop import CROP_MODES, CroppedSample, resize_and_crop
-from sgm.data.decode import BadSample, decode_image
-from sgm.data.shard_list import LoaderBadCounter, iter_shard, slot_shards
+from sgm.data.samples import (  # noqa: F401  (IMAGE_EXTENSIONS, BUCKET_BY: re-exported)
+    BUCKET_BY,
+    IMAGE_EXTENSIONS,
+    ImageProcessor,
+    Position,
+    SampleProcessor,
+    Skip,
+    StreamBadCounter,
+)
+from sgm.data.shard_list import iter_shard, slot_shards
 
 FILTER_REASONS: tuple[str, ...] = ("too_small",)  # counted, but not as defects
-IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
-BUCKET_BY = ("decoded", "original")
 SNAPSHOT_VERSION = 1
 _SAMPLE_DOMAIN, _SHUFFLE_DOMAIN = 0, 1
-Position = tuple[int, int, int]  # (epoch, shard index in the shard list, sample offset in the shard)
 _log = logging.getLogger(__name__)
-
-
-class _Skip(Exception):
-    """Raised inside the stream for a sample to skip; `reason` is one of LOADER_BAD_REASONS."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
 class StreamConfig:
-    """Everything that determines a slot's output; `fingerprint()` guards resumes."""
+    """Everything that determines a slot's output; `fingerprint()` guards resumes.
+
+    The image fields (buckets .. max_pixels, default_aesthetic_score) configure the default
+    ImageProcessor; with a custom `processor`, give buckets=() and leave them at their defaults.
+    """
 
     shards: tuple[str, ...]
     buckets: tuple[tuple[int, int], ...]
@@ -83,55 +84,55 @@ class StreamConfig:
     max_pixels: int | None = 178_956_970
     num_epochs: int | None = None
     heartbeat_every: int = 1000
+    default_aesthetic_score: float | None = None
+    processor: SampleProcessor | None = None
 
     def __post_init__(self) -> None:
         problems = []
         if not self.shards:
             problems.append("shards is empty")
-        if not self.buckets or any(len(b) != 2 or min(b) <= 0 for b in self.buckets):
-            problems.append(f"buckets must be positive (h, w) pairs, got {self.buckets!r}")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
         if self.shuffle_buffer < 0:
             problems.append(f"shuffle_buffer must be >= 0 (0 or 1: no shuffling), got {self.shuffle_buffer}")
-        if not 0.0 <= self.flip_probability <= 1.0:
-            problems.append(f"flip_probability must lie in [0, 1], got {self.flip_probability}")
-        if self.crop not in CROP_MODES:
-            problems.append(f"crop must be one of {CROP_MODES}, got {self.crop!r}")
-        if self.bucket_by not in BUCKET_BY:
-            problems.append(f"bucket_by must be one of {BUCKET_BY}, got {self.bucket_by!r}")
-        if self.min_size is not None and self.min_size < 1:
-            problems.append(f"min_size must be None (off) or >= 1, got {self.min_size}")
         if self.num_epochs is not None and self.num_epochs < 1:
             problems.append(f"num_epochs must be None (endless) or >= 1, got {self.num_epochs}")
         if self.heartbeat_every < 1:
             problems.append(f"heartbeat_every must be >= 1, got {self.heartbeat_every}")
+        if self.processor is not None and self.buckets:
+            problems.append("buckets belong to the image path; with a custom processor give buckets=()")
         if problems:
             raise ValueError("invalid data stream config: " + "; ".join(problems))
+        self.sample_processor()  # validates the image fields
+
+    def sample_processor(self) -> SampleProcessor:
+        """The processor for this stream: the custom one, or the image path from the fields."""
+        return self.processor if self.processor is not None else ImageProcessor.from_config(self)
 
     def fingerprint(self) -> dict[str, Any]:
         """JSON-able summary compared on resume (the shard list as count, hash, first shard)."""
-        fields = {k: v for k, v in asdict(self).items() if k != "shards"}
+        fields = {k: v for k, v in asdict(self).items() if k not in ("shards", "processor")}
         fields["buckets"] = [list(b) for b in self.buckets]
         digest = hashlib.sha256("\n".join(self.shards).encode()).hexdigest()[:16]
         fields["shards"] = {"count": len(self.shards), "hash": digest, "first": self.shards[0]}
+        if self.processor is not None:
+            fields["processor"] = self.processor.fingerprint()
         return fields
-
-
-def _positive_int(value: Any) -> int | None:
-    """A positive whole number (1024 or 1024.0), else None; json may hold NaN, inf, strings."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return int(value) if value == int(value) and value > 0 else None
 
 
 @dataclass
 class _Processed:
     position: Position
-    key: str
-    caption: str
-    crop: CroppedSample
-    bucket: int
+    bucket: Hashable
+    sample: Any
+
+
+def _key_to_json(key: Hashable) -> Any:
+    return list(key) if isinstance(key, tuple) else key
+
+
+def _key_from_json(value: Any) -> Hashable:
+    return tuple(_key_from_json(v) for v in value) if isinstance(value, list) else value
 
 
 class SlotStream:
@@ -146,10 +147,11 @@ class SlotStream:
         self._seed = config.seed % (1 << 64)
         self.epoch, self.shard_k, self.offset, self.epoch_reads = start_epoch, 0, 0, 0
         self.rng = np.random.default_rng([_SHUFFLE_DOMAIN, self._seed, slot])
-        self.bad = LoaderBadCounter()
+        self.processor = config.sample_processor()
+        self.bad = StreamBadCounter()
         self.seen, self.batches, self.since_batch = 0, 0, 0
         self.shuffle: list[tuple[Position, dict]] = []
-        self.buckets: list[list[_Processed]] = [[] for _ in config.buckets]
+        self.buckets: dict[Hashable, list[_Processed]] = {}
         self._snapshot = snapshot
         self._started = False
         if snapshot is not None:
@@ -172,7 +174,7 @@ class SlotStream:
                 yield from self._consume(*leaving)
         while self.shuffle:  # only a finite stream (num_epochs) gets here
             yield from self._consume(*self.shuffle.pop(int(self.rng.integers(len(self.shuffle)))))
-        for bucket in range(len(self.buckets)):
+        for bucket in sorted(self.buckets):
             if self.buckets[bucket]:
                 yield self._emit(bucket), self.snapshot()
         yield None, self.snapshot()  # the final counts, including samples after the last batch
@@ -213,11 +215,12 @@ class SlotStream:
         self.since_batch += 1
         try:
             sample = self._process(position, raw)
-        except _Skip as skip:
+        except Skip as skip:
             self.bad.add(skip.reason)
         else:
-            self.buckets[sample.bucket].append(sample)
-            if len(self.buckets[sample.bucket]) >= self.config.batch_size:
+            held = self.buckets.setdefault(sample.bucket, [])
+            held.append(sample)
+            if len(held) >= self.config.batch_size:
                 yield self._emit(sample.bucket), self.snapshot()
                 return
         if self.since_batch >= self.config.heartbeat_every:
@@ -225,72 +228,19 @@ class SlotStream:
             yield None, self.snapshot()
 
     def _process(self, position: Position, raw: dict) -> _Processed:
-        """Decode, pick the bucket, resize and crop one raw sample; raises _Skip(reason)."""
-        config = self.config
-        if "__duplicate__" in raw:
-            raise _Skip("duplicate_member")
-        image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
-        if image_key is None:
-            raise _Skip("missing_image")
-        if "txt" not in raw:
-            raise _Skip("missing_caption")
-        try:
-            caption = raw["txt"].decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise _Skip("bad_caption") from None
-        original = self._json_original_size(raw.get("json"))
-        try:
-            image = decode_image(raw[image_key], max_pixels=config.max_pixels)
-        except BadSample as bad:
-            raise _Skip(bad.reason) from None
-        decoded = (image.height, image.width)
-        original = original or decoded
-        if config.min_size is not None and min(original) < config.min_size:
-            raise _Skip("too_small")
-        bucket = assign_bucket(*(decoded if config.bucket_by == "decoded" else original), config.buckets)
-        epoch, shard_id, offset = position
-        rng = np.random.default_rng([_SAMPLE_DOMAIN, self._seed, epoch, shard_id, offset])
-        crop = resize_and_crop(
-            image, config.buckets[bucket], crop=config.crop, flip_probability=config.flip_probability,
-            rng=rng, original_size_as_tuple=original,
-        )  # fmt: skip
-        return _Processed(position, raw["__key__"], caption, crop, bucket)
+        """Run the processor with an RNG seeded by the sample's position; raises Skip(reason)."""
+        rng = None
+        if self.processor.needs_rng:
+            epoch, shard_id, offset = position
+            rng = np.random.default_rng([_SAMPLE_DOMAIN, self._seed, epoch, shard_id, offset])
+        bucket, sample = self.processor.process(raw, position, rng)
+        return _Processed(position, bucket, sample)
 
-    @staticmethod
-    def _json_original_size(data: bytes | None) -> tuple[int, int] | None:
-        """(original_height, original_width) from img2dataset's json; None when not given."""
-        if data is None:
-            return None
-        try:
-            meta = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            raise _Skip("bad_json") from None
-        if not isinstance(meta, dict):
-            raise _Skip("bad_json")
-        height, width = meta.get("original_height"), meta.get("original_width")
-        if height is None or width is None:
-            return None
-        size = (_positive_int(height), _positive_int(width))
-        if None in size:
-            raise _Skip("bad_json")
-        return size  # type: ignore[return-value]
-
-    def _emit(self, bucket: int) -> dict[str, Any]:
-        samples, self.buckets[bucket] = self.buckets[bucket], []
+    def _emit(self, bucket: Hashable) -> dict[str, Any]:
+        held = self.buckets.pop(bucket)
         self.batches += 1
         self.since_batch = 0
-
-        def sizes(name: str) -> torch.Tensor:
-            return torch.tensor([getattr(s.crop, name) for s in samples], dtype=torch.long)
-
-        return {
-            "jpg": torch.stack([s.crop.pixels for s in samples]),
-            "txt": [s.caption for s in samples],
-            "original_size_as_tuple": sizes("original_size_as_tuple"),
-            "crop_coords_top_left": sizes("crop_coords_top_left"),
-            "target_size_as_tuple": sizes("target_size_as_tuple"),
-            "__key__": [s.key for s in samples],
-        }
+        return self.processor.collate([p.sample for p in held])
 
     # -- snapshots -----------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -304,7 +254,7 @@ class SlotStream:
             "epoch_reads": self.epoch_reads,
             "shuffle_rng": self.rng.bit_generator.state,
             "shuffle": [list(position) for position, _ in self.shuffle],
-            "buckets": [[b, [list(s.position) for s in held]] for b, held in enumerate(self.buckets) if held],
+            "buckets": [[_key_to_json(b), [list(p.position) for p in self.buckets[b]]] for b in sorted(self.buckets)],
             "bad": self.bad.as_dict(),
             "seen": self.seen,
             "batches": self.batches,
@@ -320,7 +270,7 @@ class SlotStream:
             )
         self.epoch, (self.shard_k, self.offset) = snap["epoch"], snap["cursor"]
         self.epoch_reads, self.rng.bit_generator.state = snap["epoch_reads"], snap["shuffle_rng"]
-        self.bad = LoaderBadCounter(snap["bad"])
+        self.bad = StreamBadCounter(snap["bad"])
         self.seen, self.batches, self.since_batch = snap["seen"], snap["batches"], snap["since_batch"]
 
     def _restore_buffers(self, snap: dict) -> None:
@@ -330,15 +280,16 @@ class SlotStream:
             positions.extend(tuple(p) for p in held)
         raws = self._fetch(positions)
         self.shuffle = [(tuple(p), raws[tuple(p)]) for p in snap["shuffle"]]
-        for bucket, held in snap["buckets"]:
+        for saved_key, held in snap["buckets"]:
+            bucket = _key_from_json(saved_key)
             for p in held:
                 try:
                     sample = self._process(tuple(p), raws[tuple(p)])
-                except _Skip as skip:
+                except Skip as skip:
                     raise RuntimeError(f"sample at {p} is now bad ({skip.reason}); the shards changed") from None
                 if sample.bucket != bucket:
                     raise RuntimeError(f"sample at {p} now falls in another bucket; the shards changed")
-                self.buckets[bucket].append(sample)
+                self.buckets.setdefault(bucket, []).append(sample)
 
     def _fetch(self, positions: list[Position]) -> dict[Position, dict]:
         wanted: dict[int, set[int]] = defaultdict(set)

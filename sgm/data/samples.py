@@ -1,0 +1,238 @@
+"""What a sample is: the strategy a SlotStream uses per raw sample, and the image strategy.
+
+A SlotStream (stream.py) reads, shuffles, buckets, batches and snapshots; it does not know what
+a sample holds. A `SampleProcessor` does:
+- `process(raw, position, rng) -> (bucket_key, sample)` turns one raw webdataset sample
+  ({"__key__", ext: bytes, ...}) into a bucket key (an int or a tuple of ints, so snapshots stay
+  JSON) and any object, or raises `Skip(reason)`. It must be deterministic given raw, position
+  and rng (rng is seeded by the sample's position; None when `needs_rng` is False): a resume
+  re-processes buffered samples and must get the same result.
+- `collate(samples)` makes one batch of samples that share a bucket key.
+- `fingerprint()` lists its settings; a resume with other settings is refused.
+ImageProcessor (here) decodes, buckets by aspect ratio, resizes, crops and records SDXL's
+micro-conditioning; LatentProcessor (latent_loader.py) reads cached latents.
+
+`aesthetic_score` (the refiner's conditioning) is read from the sample json as LAION writes it
+(`aesthetic_score`, `AESTHETIC_SCORE` or `aesthetic`); a sample without a finite number there
+gets `default_aesthetic_score`. With no default, a batch carries `aesthetic_score` only when
+every sample in it has one (base-model data needs none); a refiner run should set a default.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from sgm.data.buckets import assign_bucket
+from sgm.data.crop import CROP_MODES, CroppedSample, resize_and_crop
+from sgm.data.decode import BadSample, decode_image
+from sgm.data.shard_list import LOADER_BAD_REASONS, LoaderBadCounter
+
+Position = tuple[int, int, int]  # (epoch, shard index in the shard list, sample offset in the shard)
+IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+BUCKET_BY = ("decoded", "original")
+AESTHETIC_KEYS: tuple[str, ...] = ("aesthetic_score", "AESTHETIC_SCORE", "aesthetic")
+LATENT_BAD_REASONS: tuple[str, ...] = (
+    "missing_latent",  # no <key>.latent.npy member
+    "bad_latent",  # latent.npy unreadable or not [C, h, w]
+    "bad_conditioning",  # the cached json lacks a valid size, crop or caption
+    "missing_text_embeddings",  # text embeddings asked for but not cached for this sample
+    "bad_text_embeddings",  # text.safetensors unreadable
+)
+STREAM_BAD_REASONS: tuple[str, ...] = LOADER_BAD_REASONS + LATENT_BAD_REASONS
+
+
+class StreamBadCounter(LoaderBadCounter):
+    """LoaderBadCounter that also accepts the cached-latent reasons (STREAM_BAD_REASONS)."""
+
+    def add(self, reason: str | BadSample, count: int = 1) -> None:
+        reason = reason.reason if isinstance(reason, BadSample) else reason
+        if reason not in STREAM_BAD_REASONS:
+            raise ValueError(f"unknown bad-sample reason {reason!r}; use one of {STREAM_BAD_REASONS}")
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+        if count:
+            self._counts[reason] = self._counts.get(reason, 0) + count
+
+
+class Skip(Exception):
+    """Raised by a processor for a sample to skip; `reason` is one of STREAM_BAD_REASONS."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class SampleProcessor(Protocol):
+    """One raw sample -> (bucket key, sample); a list of same-key samples -> a batch."""
+
+    needs_rng: bool
+
+    def process(
+        self, raw: dict[str, Any], position: Position, rng: np.random.Generator | None
+    ) -> tuple[Hashable, Any]: ...
+
+    def collate(self, samples: Sequence[Any]) -> dict[str, Any]: ...
+
+    def fingerprint(self) -> dict[str, Any]: ...
+
+
+# -- json helpers, shared by the image and latent paths --------------------------------------------
+def read_json(data: bytes | None, reason: str = "bad_json") -> dict[str, Any] | None:
+    """The sample json as a dict (None when absent); unparsable or not an object -> Skip(reason)."""
+    if data is None:
+        return None
+    try:
+        meta = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise Skip(reason) from None
+    if not isinstance(meta, dict):
+        raise Skip(reason)
+    return meta
+
+
+def positive_int(value: Any) -> int | None:
+    """A positive whole number (1024 or 1024.0), else None; json may hold NaN, inf, strings."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return int(value) if value == int(value) and value > 0 else None
+
+
+def json_original_size(meta: dict[str, Any] | None) -> tuple[int, int] | None:
+    """(original_height, original_width) from img2dataset's json; None when not given."""
+    if meta is None:
+        return None
+    height, width = meta.get("original_height"), meta.get("original_width")
+    if height is None or width is None:
+        return None
+    size = (positive_int(height), positive_int(width))
+    if None in size:
+        raise Skip("bad_json")
+    return size  # type: ignore[return-value]
+
+
+def aesthetic_score(meta: dict[str, Any] | None, default: float | None) -> float | None:
+    """The first finite number under AESTHETIC_KEYS, else `default` (null/NaN/text count as missing)."""
+    for key in AESTHETIC_KEYS if meta else ():
+        value = meta.get(key)  # type: ignore[union-attr]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    return default
+
+
+def collate_aesthetic(batch: dict[str, Any], scores: Sequence[float | None]) -> None:
+    """Add float32 [B] `aesthetic_score` when every sample has one (see the module docstring)."""
+    if scores and all(score is not None for score in scores):
+        batch["aesthetic_score"] = torch.tensor(scores, dtype=torch.float32)
+
+
+# -- images ----------------------------------------------------------------------------------------
+@dataclass
+class ImageSample:
+    key: str
+    caption: str
+    crop: CroppedSample
+    aesthetic_score: float | None
+
+
+@dataclass(frozen=True)
+class ImageProcessor:
+    """Decode, bucket by aspect ratio, resize to cover, crop (maybe flip), record micro-conditioning.
+
+    Image from the first of jpg/jpeg/png/webp, caption from txt, original size from the json's
+    (original_height, original_width) when present (img2dataset stores resized copies), else the
+    decoded size. The bucket is chosen by the DECODED aspect ratio (`bucket_by`), since that is the
+    image that gets cropped; the optional `min_size` filter tests the recorded original size.
+    """
+
+    buckets: tuple[tuple[int, int], ...]
+    crop: str = "random"
+    flip_probability: float = 0.0
+    bucket_by: str = "decoded"
+    min_size: int | None = None
+    max_pixels: int | None = 178_956_970
+    default_aesthetic_score: float | None = None
+    needs_rng: bool = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.buckets or any(len(b) != 2 or min(b) <= 0 for b in self.buckets):
+            problems.append(f"buckets must be positive (h, w) pairs, got {self.buckets!r}")
+        if not 0.0 <= self.flip_probability <= 1.0:
+            problems.append(f"flip_probability must lie in [0, 1], got {self.flip_probability}")
+        if self.crop not in CROP_MODES:
+            problems.append(f"crop must be one of {CROP_MODES}, got {self.crop!r}")
+        if self.bucket_by not in BUCKET_BY:
+            problems.append(f"bucket_by must be one of {BUCKET_BY}, got {self.bucket_by!r}")
+        if self.min_size is not None and self.min_size < 1:
+            problems.append(f"min_size must be None (off) or >= 1, got {self.min_size}")
+        if self.default_aesthetic_score is not None and not math.isfinite(self.default_aesthetic_score):
+            problems.append(f"default_aesthetic_score must be None or finite, got {self.default_aesthetic_score}")
+        if problems:
+            raise ValueError("invalid data stream config: " + "; ".join(problems))
+
+    @classmethod
+    def from_config(cls, config: Any) -> ImageProcessor:
+        """The processor a StreamConfig's image fields describe."""
+        return cls(
+            buckets=config.buckets, crop=config.crop, flip_probability=config.flip_probability,
+            bucket_by=config.bucket_by, min_size=config.min_size, max_pixels=config.max_pixels,
+            default_aesthetic_score=config.default_aesthetic_score,
+        )  # fmt: skip
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"kind": "image"}  # its settings are StreamConfig fields, fingerprinted there
+
+    def process(
+        self, raw: dict[str, Any], position: Position, rng: np.random.Generator | None
+    ) -> tuple[int, ImageSample]:
+        """Decode, pick the bucket, resize and crop one raw sample; raises Skip(reason)."""
+        if "__duplicate__" in raw:
+            raise Skip("duplicate_member")
+        image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+        if image_key is None:
+            raise Skip("missing_image")
+        if "txt" not in raw:
+            raise Skip("missing_caption")
+        try:
+            caption = raw["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise Skip("bad_caption") from None
+        meta = read_json(raw.get("json"))
+        original = json_original_size(meta)
+        try:
+            image = decode_image(raw[image_key], max_pixels=self.max_pixels)
+        except BadSample as bad:
+            raise Skip(bad.reason) from None
+        decoded = (image.height, image.width)
+        original = original or decoded
+        if self.min_size is not None and min(original) < self.min_size:
+            raise Skip("too_small")
+        bucket = assign_bucket(*(decoded if self.bucket_by == "decoded" else original), self.buckets)
+        crop = resize_and_crop(
+            image, self.buckets[bucket], crop=self.crop, flip_probability=self.flip_probability,
+            rng=rng, original_size_as_tuple=original,
+        )  # fmt: skip
+        score = aesthetic_score(meta, self.default_aesthetic_score)
+        return bucket, ImageSample(raw["__key__"], caption, crop, score)
+
+    def collate(self, samples: Sequence[ImageSample]) -> dict[str, Any]:
+        def sizes(name: str) -> torch.Tensor:
+            return torch.tensor([getattr(s.crop, name) for s in samples], dtype=torch.long)
+
+        batch = {
+            "jpg": torch.stack([s.crop.pixels for s in samples]),
+            "txt": [s.caption for s in samples],
+            "original_size_as_tuple": sizes("original_size_as_tuple"),
+            "crop_coords_top_left": sizes("crop_coords_top_left"),
+            "target_size_as_tuple": sizes("target_size_as_tuple"),
+            "__key__": [s.key for s in samples],
+        }
+        collate_aesthetic(batch, [s.aesthetic_score for s in samples])
+        return batch

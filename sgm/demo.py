@@ -16,24 +16,13 @@ from pathlib import Path
 from collections.abc import Sequence
 
 import torch
-from PIL import Image
 
 from sgm.checkpoint.io import load_checkpoint, save_checkpoint
 from sgm.diffusion.samplers import DPMPP2MSampler
-from sgm.inference import generate_latents, latents_to_uint8
+from sgm.inference import generate_latents, image_grid, latents_to_uint8
 from sgm.models.build import build_model
 
 PROMPTS = ("a red circle on a white background", "a blue square", "a green triangle", "a yellow star")
-
-
-def image_grid(images: torch.Tensor, columns: int) -> Image.Image:
-    """uint8 [B, H, W, 3] -> one PIL grid image."""
-    count, height, width, _ = images.shape
-    rows = (count + columns - 1) // columns
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for index, image in enumerate(images.numpy()):
-        grid.paste(Image.fromarray(image), ((index % columns) * width, (index // columns) * height))
-    return grid
 
 
 def run(out_dir: Path, steps: int = 20, seed: int = 0, size: int = 64, config: str = "tiny") -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from sgm.diffusion.denoiser import DiscreteDenoiser, EpsScaling
@@ -107,3 +108,13 @@ def latents_to_uint8(model: SDXL, latents: Tensor) -> Tensor:
 
 def _to(cond: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device) for k, v in cond.items()}
+
+
+def image_grid(images: torch.Tensor, columns: int) -> Image.Image:
+    """uint8 [B, H, W, 3] -> one PIL grid image, row-major."""
+    count, height, width, _ = images.shape
+    rows = (count + columns - 1) // columns
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for index, image in enumerate(images.numpy()):
+        grid.paste(Image.fromarray(image), ((index % columns) * width, (index // columns) * height))
+    return grid

@@ -9,19 +9,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from PIL import Image
 
-from sgm.inference import generate_latents, latents_to_uint8
-
-
-def image_grid(images: torch.Tensor, columns: int) -> Image.Image:
-    """uint8 [B, H, W, 3] -> one PIL grid image, row-major."""
-    count, height, width, _ = images.shape
-    rows = (count + columns - 1) // columns
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for index, image in enumerate(images.numpy()):
-        grid.paste(Image.fromarray(image), ((index % columns) * width, (index // columns) * height))
-    return grid
+from sgm.inference import generate_latents, image_grid, latents_to_uint8
 
 
 class SampleImages(pl.Callback):

@@ -202,7 +202,12 @@ def _gray_to_rgb(values: np.ndarray) -> Image.Image:
 
 
 class BadSampleCounter(Mapping[str, int]):
-    """Counts bad samples by reason; picklable, so workers can send theirs to be merged."""
+    """Counts bad samples by reason; picklable, so workers can send theirs to be merged.
+
+    Subclasses that know more reasons (the loader's, the latent reader's) only widen `reasons`.
+    """
+
+    reasons: tuple[str, ...] = BAD_SAMPLE_REASONS
 
     def __init__(self, counts: Mapping[str, int] | None = None) -> None:
         self._counts: dict[str, int] = {}
@@ -213,8 +218,8 @@ class BadSampleCounter(Mapping[str, int]):
         """Count one (or `count`) bad samples; accepts the BadSample itself or its reason."""
         if isinstance(reason, BadSample):
             reason = reason.reason
-        if reason not in BAD_SAMPLE_REASONS:
-            raise ValueError(f"unknown bad-sample reason {reason!r}; use one of {BAD_SAMPLE_REASONS}")
+        if reason not in self.reasons:
+            raise ValueError(f"unknown bad-sample reason {reason!r}; use one of {self.reasons}")
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count}")
         if count:

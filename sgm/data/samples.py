@@ -51,14 +51,7 @@ STREAM_BAD_REASONS: tuple[str, ...] = LOADER_BAD_REASONS + LATENT_BAD_REASONS
 class StreamBadCounter(LoaderBadCounter):
     """LoaderBadCounter that also accepts the cached-latent reasons (STREAM_BAD_REASONS)."""
 
-    def add(self, reason: str | BadSample, count: int = 1) -> None:
-        reason = reason.reason if isinstance(reason, BadSample) else reason
-        if reason not in STREAM_BAD_REASONS:
-            raise ValueError(f"unknown bad-sample reason {reason!r}; use one of {STREAM_BAD_REASONS}")
-        if count < 0:
-            raise ValueError(f"count must be >= 0, got {count}")
-        if count:
-            self._counts[reason] = self._counts.get(reason, 0) + count
+    reasons = STREAM_BAD_REASONS
 
 
 class Skip(Exception):

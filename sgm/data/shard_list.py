@@ -38,7 +38,7 @@ import numpy as np
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from sgm.data.decode import BAD_SAMPLE_REASONS, BadSample, BadSampleCounter
+from sgm.data.decode import BAD_SAMPLE_REASONS, BadSampleCounter
 
 # Schemes webdataset 1.0.2's gopen can open (gopen_schemes, plus file:).
 OPENABLE_SCHEMES = ("file", "pipe", "http", "https", "sftp", "ftps", "scp", "gs", "htgs", "hf", "ais")
@@ -138,14 +138,7 @@ def num_slots_for(world_size: int, num_workers: int) -> int:
 class LoaderBadCounter(BadSampleCounter):
     """BadSampleCounter that also accepts the reader's reasons (LOADER_BAD_REASONS)."""
 
-    def add(self, reason: str | BadSample, count: int = 1) -> None:
-        reason = reason.reason if isinstance(reason, BadSample) else reason
-        if reason not in LOADER_BAD_REASONS:
-            raise ValueError(f"unknown bad-sample reason {reason!r}; use one of {LOADER_BAD_REASONS}")
-        if count < 0:
-            raise ValueError(f"count must be >= 0, got {count}")
-        if count:
-            self._counts[reason] = self._counts.get(reason, 0) + count
+    reasons = LOADER_BAD_REASONS
 
 
 def iter_shard(url: str, on_error: Callable[[str, str], None]) -> Iterator[dict[str, Any]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -177,3 +179,12 @@ def test_crash_mid_save_keeps_the_last_good_file(tmp_path: Path):
         atomic_write(path, crash)
     assert path.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_atomic_write_gives_the_file_the_usual_permissions(tmp_path: Path):
+    previous = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "weights.bin", lambda tmp: tmp.write_bytes(b"x"))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not mkstemp's owner-only 0600

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from training_utils import TRAIN_GROUPS, check_train_config
+from training_utils import TRAIN_GROUPS, check_launcher_config, check_train_config
 
 from sgm.models.build import build_model, config_root, load_model_config, shipped_model_configs
 
@@ -30,6 +30,8 @@ def test_every_shipped_config_loads_and_instantiates(relative, tmp_path_factory)
         _check_data_config(cfg, tmp_path_factory)
     elif group in TRAIN_GROUPS or relative == "train.yaml":
         check_train_config(relative, tmp_path_factory.mktemp("train"))
+    elif relative.startswith("hydra/launcher/"):
+        check_launcher_config(relative)
     else:  # pragma: no cover - other groups arrive with the training issue
         pytest.fail(f"no loader test for config group '{group}' yet: add one here")
 
@@ -47,9 +49,28 @@ def _check_data_config(cfg, tmp_path_factory) -> None:
     make_dataset(folder, [12, 12], shapes=[(128, 128), (96, 96)])
     cfg.shards = str(folder / "shard-{0..1}.tar")
     cfg.num_workers = 0
+    if cfg._target_.endswith("LatentLoader"):  # cache the shards first, as a user would
+        _check_latent_config(cfg, folder, tmp_path_factory.mktemp("latents"))
+        return
     make_loader = instantiate(cfg)
     loader = make_loader(rank=0, world_size=1)
     batch = next(iter(loader))
     assert batch["jpg"].dtype == torch.uint8 and batch["jpg"].shape[0] == cfg.batch_size
     h, w = batch["target_size_as_tuple"][0].tolist()
     assert tuple(batch["jpg"].shape[2:]) == (h, w)
+
+
+def _check_latent_config(cfg, image_folder: Path, cache: Path) -> None:
+    """Cache generated shards with the tiny model, point the config there, take a batch."""
+    from conftest import fresh_tiny_model
+
+    from sgm.data.latent_cache import CacheConfig, cache_latents
+
+    settings = CacheConfig(square_size=64, latent_mode="mean", text_embeddings=bool(cfg.text_embeddings))
+    cache_latents(fresh_tiny_model(), str(image_folder / "shard-*.tar"), cache, settings, progress=False)
+    cfg.shards = str(cache / "*.tar")
+    loader = instantiate(cfg)(rank=0, world_size=1)
+    batch = next(iter(loader))
+    assert batch["latents"].shape == (cfg.batch_size, 4, 8, 8) and "jpg" not in batch
+    assert set(batch["cached_embeddings"]) == {0, 1} and batch["target_size_as_tuple"][0].tolist() == [64, 64]
+    assert set(loader.empty_caption_outputs()) == {0, 1}

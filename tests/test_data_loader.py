@@ -25,7 +25,7 @@ from sgm.data.buckets import bucket_table
 from sgm.data.crop import covering_size
 from sgm.data.decode import decode_image
 from sgm.data.loader import BucketedLoader
-from sgm.data.shard_list import expand_shards, iter_shard, num_slots_for, slot_shards
+from sgm.data.shard_list import expand_shards, iter_shard, local_tar_path, num_slots_for, slot_shards
 from sgm.data.stream import SlotStream, StreamConfig
 
 ORIGINAL_SCALE = 3
@@ -350,3 +350,24 @@ def test_truncated_tar_keeps_complete_samples_and_drops_the_broken_one(tmp_path:
     (tmp_path / "empty.tar").write_bytes(b"")
     assert keys(str(tmp_path / "empty.tar")) == []
     assert events == ["truncated_tar", "truncated_tar", "unreadable_shard"]
+
+
+def test_local_random_access_reader_matches_the_webdataset_stream_reader(tmp_path: Path) -> None:
+    """Local .tar files take the random-access path; pipe: takes webdataset's: same samples, same events."""
+    shards, _ = bad_shards(tmp_path)
+    members = [m for i in range(3) for m in sample_members(f"k{i}", 32, 48, seed=i)]
+    data = Path(write_shard(tmp_path / "whole.tar", members)).read_bytes()
+    for name, end in [("in_json", data.index(b"k1.json") + 512 + 10), ("in_next", data.index(b"k2.jpg") + 512 + 10),
+                      ("in_header", data.index(b"k2.jpg") + 100), ("in_padding", data.index(b"k0.json") + 512 + 40)]:  # fmt: skip
+        (tmp_path / f"cut_{name}.tar").write_bytes(data[:end])
+        shards.append(str(tmp_path / f"cut_{name}.tar"))
+    assert local_tar_path(shards[0]) == shards[0] and local_tar_path("pipe:cat " + shards[0]) is None
+    assert local_tar_path("file://" + shards[0]) == shards[0] and local_tar_path(shards[0] + ".gz") is None
+
+    def read(url: str) -> tuple[list[dict], list[str]]:
+        events: list[str] = []
+        samples = list(iter_shard(url, lambda reason, detail: events.append(reason)))
+        return [{k: v for k, v in s.items() if k != "__url__"} for s in samples], events
+
+    for shard in shards:
+        assert read(shard) == read("pipe:cat " + shard), shard

@@ -70,7 +70,8 @@ def test_sigkill_then_resume_auto_continues_with_the_same_batches(tmp_path, shar
 
 def test_wandb_logger_runs_offline_with_no_network(tmp_path, shards):
     run_dir = tmp_path / "wandb_run"
-    result = train_cli(fast_overrides(run_dir, shards, max_steps=2, every=2) + ["logger=wandb", "logger.offline=true"])
+    result = train_cli(fast_overrides(run_dir, shards, max_steps=2, every=2) + ["logger=wandb", "logger.mode=offline"])
     check(result)
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+    assert f"wandb offline run in {runs[0]} (upload it: wandb sync {runs[0]})" in result.stdout

@@ -10,7 +10,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from sgm.models.build import config_root
+from sgm.models.build import build_model, config_root, load_model_config
+from sgm.training.strategies import is_deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +62,22 @@ def train_cli(overrides: list[str], timeout: float = 240, wait: bool = True):
     return subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def check_launcher_config(relative: str) -> None:
+    """Compose train.yaml with hydra/launcher=<name> and build the launcher as `-m` would (nothing is submitted)."""
+    from hydra.utils import instantiate
+
+    name = Path(relative).with_suffix("").name
+    with initialize_config_dir(config_dir=str(config_root()), version_base=None):
+        cfg = compose(config_name="train", overrides=[f"hydra/launcher={name}"], return_hydra_config=True)
+    launcher = instantiate(cfg.hydra.launcher)
+    assert callable(launcher.launch) and launcher.params["submitit_folder"].startswith(f"{cfg.run_dir}/multirun/")
+    signal = launcher.params.get("additional_parameters", {}).get("signal", "")
+    assert signal.startswith("USR1@"), f"{relative}: preemption needs USR1 (sgm.training.preemption), got {signal!r}"
+
+
 TRAIN_GROUPS = ("stage", "strategy", "logger", "experiment")
+# Full-size models a config may pick: built on the meta device, the run's pieces then with the tiny twin.
+FULL_SIZE_STAND_INS = {"sdxl_base": "tiny", "sdxl_refiner": "tiny_refiner"}
 
 
 def check_train_config(relative: str, tmp_path: Path) -> None:
@@ -75,16 +91,62 @@ def check_train_config(relative: str, tmp_path: Path) -> None:
     from sgm.training.run import build_module, build_trainer
 
     parts = Path(relative).with_suffix("").parts
-    overrides = [f"{parts[0]}={parts[1]}"] if len(parts) == 2 else []
+    overrides = [f"{parts[0]}={'/'.join(parts[1:])}"] if len(parts) >= 2 else []
+    if len(parts) == 3 and parts[0] == "experiment":  # a preset's per-stage file (experiment/NAME/<stage>.yaml)
+        overrides.append(f"stage={parts[2]}")
     shards = make_shards(tmp_path / "shards", num_samples=8, num_emoji=2, samples_per_shard=8)
-    cfg = compose_train(overrides + [f"data.shards={shards}/*.tar", "data.num_workers=0", f"run_dir={tmp_path / 'run'}"])
+    common = [f"data.shards={shards}/*.tar", "data.num_workers=0", f"run_dir={tmp_path / 'run'}"]
+    cfg = compose_train(overrides + common)
+    for full, stand_in in FULL_SIZE_STAND_INS.items():  # a stage that picks a full-size model
+        if cfg.model == load_model_config(full):
+            build_model(cfg.model, device="meta")
+            cfg = compose_train(overrides + common + [f"model={stand_in}"])
+    stand_in_user_files(cfg, shards, tmp_path)
     module = build_module(cfg)
     assert isinstance(module, pl.LightningModule)
     loader = instantiate(cfg.data)(rank=0, world_size=1)
-    assert next(iter(loader))["jpg"].dtype == torch.uint8
+    batch = next(iter(loader))
+    assert batch["latents"].dtype.is_floating_point if "latents" in batch else batch["jpg"].dtype == torch.uint8
+    if is_deepspeed_config(cfg.trainer.get("strategy")):
+        use_cpu_deepspeed(cfg)
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         unknown = set(cfg.trainer) - set(inspect.signature(pl.Trainer).parameters)
         assert not unknown, f"not Trainer arguments: {unknown}"
         return
     trainer = build_trainer(cfg, tmp_path / "run")
     assert trainer.max_steps == cfg.trainer.max_steps
+
+
+def use_cpu_deepspeed(cfg: DictConfig) -> None:
+    """A DeepSpeed config: build its stock (GPU) strategy as configured, then swap in the CPU test twin
+    with the same DeepSpeed settings, so a Trainer can be built on this machine."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    stock = instantiate(cfg.trainer.strategy, _convert_="all")
+    assert isinstance(stock, DeepSpeedStrategy) and stock.config["zero_optimization"]["stage"] in (2, 3)
+    cfg.trainer.strategy._target_ = "sgm.training.strategies.CPUDeepSpeedStrategy"
+    cfg.trainer.accelerator, cfg.trainer.devices = "cpu", 1
+
+
+def stand_in_user_files(cfg: DictConfig, shards: Path, tmp_path: Path) -> None:
+    """A preset naming the user's own files (a local pretrained checkpoint, cached latents): make tiny
+    stand-ins here from the config's (stand-in) model, as a user would: save it, cache `shards` with it."""
+    import torch
+
+    from sgm.checkpoint.io import save_checkpoint
+    from sgm.data.latent_cache import CacheConfig, cache_latents
+
+    missing_file = bool(cfg.get("pretrained")) and not Path(cfg.pretrained).is_file()
+    cached = str(cfg.data.get("_target_", "")).endswith("LatentLoader")
+    if not (missing_file or cached):
+        return
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    model.freeze_frozen_parts()
+    if missing_file:
+        cfg.pretrained = str(save_checkpoint(model, tmp_path / "pretrained_stand_in.safetensors"))
+    if cached:
+        settings = CacheConfig(square_size=64, latent_mode="mean", text_embeddings=bool(cfg.data.text_embeddings))
+        cache_latents(model, f"{shards}/*.tar", tmp_path / "latents", settings, progress=False)
+        cfg.data.shards = str(tmp_path / "latents" / "*.tar")

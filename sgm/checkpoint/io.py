@@ -183,10 +183,18 @@ def atomic_write(path: Path, write: "callable") -> Path:
         write(tmp)
         with open(tmp, "rb") as stream:
             os.fsync(stream.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; give it the usual mode
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it; set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _existing(path: str | os.PathLike) -> Path:

@@ -42,14 +42,13 @@ from safetensors.torch import load_file, save, save_file
 from tqdm import tqdm
 
 from sgm.data.buckets import bucket_table, square_table
-from sgm.data.latent_loader import LATENT_EXT, META_EXT, TEXT_EXT
+from sgm.data.latent_loader import CACHE_CONFIG_FILE, EMPTY_CAPTION_FILE, LATENT_EXT, META_EXT, TEXT_EXT
 from sgm.data.samples import ImageProcessor, ImageSample
 from sgm.data.shard_list import expand_shards
 from sgm.data.stream import SlotStream, StreamConfig
 from sgm.models.sdxl import SDXL
 
 CACHE_FORMAT = 1
-CONFIG_FILE, EMPTY_CAPTION_FILE = "_cache_config.json", "_empty_caption.safetensors"
 LATENT_MODES, VAE_DTYPES, STORAGE_DTYPES = ("sample", "mean"), ("float32", "bfloat16"), ("float16", "float32")
 
 
@@ -205,7 +204,7 @@ def _write_json_atomic(path: Path, value: Any) -> None:
 
 
 def _check_config(out_dir: Path, record: dict[str, Any]) -> None:
-    path = out_dir / CONFIG_FILE
+    path = out_dir / CACHE_CONFIG_FILE
     if path.is_file():
         saved = json.loads(path.read_text())
         diff = [f"{k}: {saved.get(k)!r} -> {record.get(k)!r}" for k in sorted(set(saved) | set(record))

@@ -20,7 +20,9 @@ Conditioner.forward uses instead of running those embedders (see conditioner.py)
 from __future__ import annotations
 
 import io
+import json
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,10 +41,12 @@ from sgm.data.samples import (
     positive_int,
     read_json,
 )
-from sgm.data.shard_list import expand_shards
+from sgm.data.shard_list import expand_shards, local_tar_path
 from sgm.data.stream import StreamConfig
 
 LATENT_EXT, META_EXT, TEXT_EXT = "latent.npy", "json", "text.safetensors"
+EMPTY_CAPTION_FILE = "_empty_caption.safetensors"  # the cache's text-embedder outputs for ""
+CACHE_CONFIG_FILE = "_cache_config.json"  # the settings the cache was made with
 CONDITIONING_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
 # The header numpy writes for a plain C-order array; parsed here without ast (10x faster).
 _NPY_HEADER = re.compile(r"\{'descr': '([<|]?[fiub]\d+)', 'fortran_order': False, 'shape': \(([\d, ]*)\), \}\s*$")
@@ -119,7 +123,7 @@ class LatentProcessor:
 
     def collate(self, samples: Sequence[LatentSample]) -> dict[str, Any]:
         batch: dict[str, Any] = {
-            "latents": torch.from_numpy(np.stack([s.latent for s in samples])).float(),
+            "latents": torch.from_numpy(np.stack([s.latent for s in samples])),  # as stored; fp32 in the step
             "txt": [s.caption for s in samples],
             "__key__": [s.key for s in samples],
         }
@@ -146,7 +150,8 @@ def _pair(value: Any) -> tuple[int, int]:
 
 
 class LatentLoader(SlotLoader):
-    """Iterate for batches {"latents" float32 [B, C, h, w], "txt", "original_size_as_tuple",
+    """Iterate for batches {"latents" [B, C, h, w] in the stored dtype (fp16 by default; the training
+    step upcasts on its device, as it normalises uint8 pixels there), "txt", "original_size_as_tuple",
     "crop_coords_top_left", "target_size_as_tuple", "__key__"} (+ "cached_embeddings",
     "aesthetic_score"), one latent shape per batch."""
 
@@ -161,9 +166,15 @@ class LatentLoader(SlotLoader):
         heartbeat_every: int = 1000,
         text_embeddings: bool = False,
         default_aesthetic_score: float | None = None,
+        square_size: int | None = None,
+        base_resolution: int | None = None,
         **loader_options: Any,
     ) -> None:
-        """`loader_options` are SlotLoader's (num_workers, rank, world_size, batches_per_epoch, ...)."""
+        """`loader_options` are SlotLoader's (num_workers, rank, world_size, batches_per_epoch, ...).
+
+        `square_size` / `base_resolution` (what a stage config sets) do not re-bucket anything: the
+        buckets were fixed when caching. When given, they are checked against the cache's
+        `_cache_config.json`, so a stage never trains silently on latents of another resolution."""
         processor = LatentProcessor(text_embeddings, default_aesthetic_score)
         config = StreamConfig(
             shards=tuple(expand_shards(shards)), buckets=(), batch_size=batch_size, seed=seed,
@@ -171,3 +182,34 @@ class LatentLoader(SlotLoader):
             processor=processor,
         )  # fmt: skip
         super().__init__(config, **loader_options)
+        self.text_embeddings = text_embeddings
+        self._check_cache_resolution(square_size, base_resolution)
+
+    def _cache_dir(self) -> str | None:
+        return next((os.path.dirname(p) or "." for p in map(local_tar_path, self.config.shards) if p), None)
+
+    def _check_cache_resolution(self, square_size: int | None, base_resolution: int | None) -> None:
+        folder = self._cache_dir()
+        path = os.path.join(folder or ".", CACHE_CONFIG_FILE)
+        if (square_size is None and base_resolution is None) or folder is None or not os.path.isfile(path):
+            return
+        with open(path) as file:
+            cached = json.load(file)
+        wanted = {"square_size": square_size, "base_resolution": base_resolution}
+        found = {name: cached.get(name) for name in wanted}
+        if found != wanted:
+            raise ValueError(
+                f"the cached latents in {folder} were made with {found}, but this stage asks for {wanted}. "
+                "Cache the shards again for this stage (data/cache_latents.py --square-size / --base-resolution) "
+                "and point data.shards at that cache"
+            )
+
+    def empty_caption_outputs(self) -> dict[int, tuple[torch.Tensor, ...]] | None:
+        """The cache's `_empty_caption.safetensors` (next to the first local shard), for caption
+        dropout without running the text encoders; None without text embeddings or such a file."""
+        folder = self._cache_dir()
+        path = os.path.join(folder or ".", EMPTY_CAPTION_FILE)
+        if not self.text_embeddings or folder is None or not os.path.isfile(path):
+            return None
+        with open(path, "rb") as file:
+            return read_text_embeddings(file.read())

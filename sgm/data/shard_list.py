@@ -16,9 +16,11 @@ seeded by (seed, epoch), identically on every rank, and deals it out:
   and complete within an epoch) but every slot reads all the bytes; write more shards than
   slots for real runs.
 
-Reading (`iter_shard`): tar members come in order from webdataset's `gopen` + `tar_file_iterator`
-(so pipe:/URL shards and compressed tars behave as in webdataset); consecutive members sharing a
-key form one sample. A shard failure is reported once, by reason: "unreadable_shard" (cannot be
+Reading (`iter_shard`): tar members come in order; consecutive members sharing a key form one
+sample. Local uncompressed `.tar` files are read with random access (`local_tar_members`: each
+member's data in one read, 3-4x faster than a stream for ~300 KB members such as cached text
+embeddings); everything else (pipe:/URL shards, compressed tars) goes through webdataset's
+`gopen` + `tar_file_iterator`, so it behaves as in webdataset. A shard failure is reported once, by reason: "unreadable_shard" (cannot be
 opened, or not a tar), "truncated_tar" (breaks after its first member header: the samples
 before are kept, the sample being assembled is dropped unless the broken member already belongs
 to the next sample, the rest of the shard is unreachable). Python's tarfile reads a tar cut at a
@@ -30,6 +32,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -147,8 +150,9 @@ def iter_shard(url: str, on_error: Callable[[str, str], None]) -> Iterator[dict[
     Members are read with webdataset's tar reader; consecutive members sharing a key form one
     sample. Shard failures go to on_error("unreadable_shard" | "truncated_tar", detail).
     """
+    local = local_tar_path(url)
     try:
-        stream = gopen(url)
+        stream = open(local, "rb") if local else gopen(url)  # noqa: SIM115 - closed below
     except Exception as error:  # noqa: BLE001 - any open failure is a property of the shard
         on_error("unreadable_shard", f"{url}: {type(error).__name__}: {error}")
         return
@@ -166,7 +170,8 @@ def iter_shard(url: str, on_error: Callable[[str, str], None]) -> Iterator[dict[
     current: dict[str, Any] | None = None
     error: BaseException | None = None
     try:
-        for member in tar_file_iterator(stream, handler=stop, select_files=select):
+        members = local_tar_members if local else tar_file_iterator
+        for member in members(stream, handler=stop, select_files=select):
             prefix, suffix = base_plus_ext(member["fname"])
             if prefix is None:
                 continue
@@ -200,3 +205,43 @@ def iter_shard(url: str, on_error: Callable[[str, str], None]) -> Iterator[dict[
     if current is not None and broken_key is not None and broken_key != current["__key__"]:
         yield current  # the broken member starts the next sample: this one is complete
     on_error("truncated_tar", detail)
+
+
+def local_tar_path(url: str) -> str | None:
+    """The file path when `url` is a local, uncompressed .tar (read with random access), else None."""
+    scheme = _scheme(url)
+    if scheme not in (None, "file") or not url.lower().endswith(".tar"):
+        return None
+    return os.path.expanduser(url[len("file://") :] if scheme == "file" else url)
+
+
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as it does
+
+
+def local_tar_members(
+    file: Any, handler: Callable[[BaseException], bool], select_files: Callable[[str], bool]
+) -> Iterator[dict[str, Any]]:
+    """{"fname", "data"} for the regular members of a seekable tar, in order (tar_file_iterator's contract).
+
+    Headers come from tarfile (pax and GNU long names included); each member's data is one read
+    at its offset. A member whose data (or padding) the file cuts short goes to `handler`, which
+    ends the shard; an unreadable first header raises tarfile.ReadError.
+    """
+    tar = tarfile.open(fileobj=file, mode="r:")
+    while True:
+        try:
+            info = tar.next()
+        except tarfile.ReadError as error:  # the file ends inside the previous member's padding
+            handler(error)
+            return
+        if info is None:
+            return
+        tar.members = []  # keep no member list: shards can hold millions of members
+        if not info.isreg() or _META_MEMBER.match(info.name) or not select_files(info.name):
+            continue
+        file.seek(info.offset_data)
+        data = file.read(info.size)
+        if len(data) != info.size:
+            handler(tarfile.ReadError(f"unexpected end of data in {info.name} ({len(data)} of {info.size} bytes)"))
+            return
+        yield {"fname": info.name, "data": data}

@@ -99,7 +99,8 @@ class ThroughputMonitor(pl.Callback):
         now = time.perf_counter()
         seconds = max(now - (self._last or now), 1e-9)
         self._last = now
-        images = int(batch["jpg"].shape[0]) * trainer.world_size
+        batch_size = len(batch["__key__"])  # image and cached-latent batches alike
+        images = batch_size * trainer.world_size
         self.images_per_second.append(images / seconds)
         metrics = {"train/images_per_second": images / seconds}
         datamodule = trainer.datamodule
@@ -108,7 +109,7 @@ class ThroughputMonitor(pl.Callback):
             metrics["train/data_wait_fraction"] = min(1.0, tracked.take_wait_seconds() / seconds)
             for reason, count in tracked.loader.bad_counts().items():
                 metrics[f"data/skipped_{reason}"] = float(count)
-        pl_module.log_dict(metrics, batch_size=int(batch["jpg"].shape[0]))
+        pl_module.log_dict(metrics, batch_size=batch_size)
 
 
 class BatchKeyLog(pl.Callback):

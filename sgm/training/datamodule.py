@@ -1,4 +1,4 @@
-"""The LightningDataModule: one BucketedLoader per rank, its state saved in every checkpoint.
+"""The LightningDataModule: one loader per rank (image or cached-latent shards), its state saved in every checkpoint.
 
 Lightning's fit loop fetches one batch ahead of the step it trains, so the loader's own state at
 save time is one batch past the last trained one. `TrackedLoader` records the loader state after
@@ -16,13 +16,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from sgm.data.loader import BucketedLoader, merge_loader_states
+from sgm.data.loader import SlotLoader, merge_loader_states
 
 
 class TrackedLoader:
-    """Iterates a BucketedLoader, recording the state after each batch and the time spent waiting."""
+    """Iterates a SlotLoader, recording the state after each batch and the time spent waiting."""
 
-    def __init__(self, loader: BucketedLoader, history: int = 8) -> None:
+    def __init__(self, loader: SlotLoader, history: int = 8) -> None:
         self.loader = loader
         self.history = history
         self.yielded = 0
@@ -50,9 +50,9 @@ class TrackedLoader:
 
 
 class SDXLDataModule(pl.LightningDataModule):
-    """Builds the data partial (a BucketedLoader config) with this rank's global_rank and world_size."""
+    """Builds the data partial (a SlotLoader config) with this rank's global_rank and world_size."""
 
-    def __init__(self, loader: Callable[..., BucketedLoader]) -> None:
+    def __init__(self, loader: Callable[..., SlotLoader]) -> None:
         super().__init__()
         self.make_loader = loader
         self.tracked: TrackedLoader | None = None
@@ -72,7 +72,7 @@ class SDXLDataModule(pl.LightningDataModule):
         return self.tracked  # type: ignore[return-value]
 
     @property
-    def loader(self) -> BucketedLoader:
+    def loader(self) -> SlotLoader:
         if self.tracked is None:
             raise RuntimeError("the data module is not set up yet")
         return self.tracked.loader

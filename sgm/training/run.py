@@ -11,17 +11,27 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from sgm.checkpoint.io import load_checkpoint
 from sgm.diffusion.samplers import DPMPP2MSampler
 from sgm.models.build import build_model
 from sgm.training.callbacks import BatchKeyLog, SampleImages, ThroughputMonitor
-from sgm.training.checkpoint_io import AtomicCheckpointIO, newest_checkpoint
+from sgm.training.checkpoint_io import (
+    AtomicCheckpointIO,
+    SafeModelCheckpoint,
+    check_fits_strategy,
+    newest_checkpoint,
+)
 from sgm.training.datamodule import SDXLDataModule
 from sgm.training.export import export_checkpoint
+from sgm.training.lineage import load_pretrained, require_pretrained_file, write_lineage
+from sgm.training.loggers import describe_logger
+from sgm.training.preemption import Preempted, slurm_callbacks, slurm_plugins
+from sgm.training.strategies import is_deepspeed_config, zero_stage
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -45,22 +55,32 @@ def resolve_resume(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
         return None
     if resume == "auto":
         found = newest_checkpoint(checkpoint_dir)
-        return str(found) if found else None
-    if not Path(str(resume)).is_file():
-        raise FileNotFoundError(f"resume={resume}: no such checkpoint file (use resume=auto or a .ckpt path)")
+        if found is None:
+            return None
+        resume = found
+    if not Path(str(resume)).exists():  # a .ckpt file, or a DeepSpeed .ckpt directory
+        raise FileNotFoundError(f"resume={resume}: no such checkpoint (use resume=auto or a .ckpt path)")
+    check_fits_strategy(str(resume), is_deepspeed_config(cfg.trainer.get("strategy")))
     return str(resume)
 
 
 def build_module(cfg: DictConfig) -> pl.LightningModule:
-    """The model from its config (+ the pretrained official file), wrapped in the training module."""
+    """The model from its config (+ the `pretrained_parts` of the `pretrained` file), in the training module.
+
+    Built right after seeding with cfg.seed: the parts no file supplies (all of a tiny model's) come out
+    the same in every rebuild (on resume, and in finish()'s export), so a run exports the frozen parts
+    it trained with and its children inherit them."""
+    if cfg.get("pretrained"):
+        require_pretrained_file(cfg.pretrained)  # before building a model of billions of parameters
+    torch.manual_seed(cfg.seed)
     model = build_model(cfg.model)
     if cfg.get("pretrained"):
-        load_checkpoint(model, cfg.pretrained)
+        load_pretrained(model, cfg.pretrained, cfg.get("pretrained_parts"))
     return instantiate(cfg.module, model=model)
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
-    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:06d}", auto_insert_metric_name=False,
+    checkpoints = SafeModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:06d}", auto_insert_metric_name=False,
                                   every_n_train_steps=cfg.checkpoint.every_n_train_steps,
                                   save_top_k=cfg.checkpoint.save_top_k, save_last=True)  # fmt: skip
     s = cfg.samples
@@ -70,16 +90,29 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[pl.Callb
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     extra = [BatchKeyLog(str(run_dir / "batch_keys.tsv"))] if cfg.get("log_batch_keys") else []
     trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
-    return pl.Trainer(default_root_dir=str(run_dir), logger=logger, plugins=[AtomicCheckpointIO()],
-                      callbacks=[checkpoints, samples, ThroughputMonitor(), *extra, *(extra_callbacks or [])],
+    if isinstance(trainer_kwargs.get("strategy"), dict):  # a `_target_` strategy (the DeepSpeed configs)
+        trainer_kwargs["strategy"] = instantiate(trainer_kwargs["strategy"], _convert_="all")
+    zero3 = zero_stage(trainer_kwargs.get("strategy")) == 3  # samples run on rank 0 alone: its partial weights hang
+    if zero3 and rank_zero_only.rank == 0:
+        print("[sgm] ZeRO-3: no validation samples during training; sample from the exported file", flush=True)
+    return pl.Trainer(default_root_dir=str(run_dir), logger=logger, plugins=[AtomicCheckpointIO(), *slurm_plugins()],
+                      callbacks=[checkpoints, *([] if zero3 else [samples]), ThroughputMonitor(), *extra, *slurm_callbacks(run_dir),
+                                 *(extra_callbacks or [])],
                       **trainer_kwargs)  # fmt: skip
+
+
+def job_run_dir(cfg: DictConfig) -> Path:
+    """run_dir; in a Hydra multirun each job's own sweep folder instead, so sweep points never share checkpoints."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        cfg.run_dir = HydraConfig.get().runtime.output_dir  # the logger's ${run_dir} follows
+    return Path(cfg.run_dir)
 
 
 def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> dict[str, str]:
     """Train as configured; returns (and prints, on rank 0) where each output went."""
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    run_dir = Path(cfg.run_dir)
+    run_dir = job_run_dir(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     ensure_demo_data(cfg)
     ckpt_path = resolve_resume(cfg, run_dir / "checkpoints")
@@ -89,9 +122,13 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> di
     if trainer.global_rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_lineage(cfg, run_dir, module.model, resumed_from=ckpt_path)  # parent, its sha256, start weights
         if ckpt_path:
             print(f"[sgm] resuming from {ckpt_path}", flush=True)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except Preempted:  # checkpointed and requeued: the requeued job resumes (resume=auto)
+        return {}
     if trainer.global_rank != 0:
         return {}
     return finish(cfg, trainer, run_dir)
@@ -104,16 +141,20 @@ def finish(cfg: DictConfig, trainer: pl.Trainer, run_dir: Path) -> dict[str, str
     if last is not None:
         outputs["checkpoint"] = str(last)
         suffix = "unet" if cfg.export.unet_only else "full"
-        exported = export_checkpoint(last, run_dir / f"{cfg.name}_{suffix}.safetensors", cfg.model,
-                                     use_ema=cfg.export.ema, dtype=DTYPES[cfg.export.dtype],
-                                     unet_only=cfg.export.unet_only, pretrained=cfg.get("pretrained"))  # fmt: skip
+        with torch.random.fork_rng(devices=[]):  # the export rebuilds the model: same seed, same frozen parts
+            torch.default_generator.manual_seed(cfg.seed)
+            exported = export_checkpoint(last, run_dir / f"{cfg.name}_{suffix}.safetensors", cfg.model,
+                                         use_ema=cfg.export.ema, dtype=DTYPES[cfg.export.dtype],
+                                         unet_only=cfg.export.unet_only, pretrained=cfg.get("pretrained"),
+                                         pretrained_parts=cfg.get("pretrained_parts"))  # fmt: skip
         outputs["export"] = f"{exported['path']} ({'EMA' if exported['ema'] else 'raw'} weights)"
     sampler = next((c for c in trainer.callbacks if isinstance(c, SampleImages)), None)
     if sampler is not None and sampler.written:
         outputs["samples"] = str(sampler.written[-1])
     logger = trainer.logger
-    if logger is not None and getattr(logger, "log_dir", None):
-        outputs["logs"] = str(logger.log_dir)
+    where = describe_logger(logger) if logger is not None else None
+    if where:
+        outputs["logs"] = where
     throughput = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
     if throughput is not None and throughput.images_per_second:
         rates = sorted(throughput.images_per_second)

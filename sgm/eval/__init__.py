@@ -1,0 +1,1 @@
+"""Evaluation of generated samples by simple, explainable image analysis (no downloaded networks)."""

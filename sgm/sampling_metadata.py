@@ -1,0 +1,76 @@
+"""The settings `python -m sgm.sample` writes into each PNG: JSON under "sgm", a readable "parameters".
+
+The JSON uses the project's names (`original_size_as_tuple` (h, w), `crop_coords_top_left`
+(top, left), `target_size_as_tuple` (h, w), `aesthetic_score`) and records each checkpoint with its
+sha256, so an image says exactly what made it; `read_settings` gives it back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+from sgm.checkpoint.io import atomic_write
+from sgm.sampling_checkpoints import SamplingModel
+
+SAMPLER_NAMES = {"euler": "Euler EDM", "dpmpp2m": "DPM++ 2M"}
+SETTINGS_KEY = "sgm"
+
+
+def settings(args: Namespace, base: SamplingModel, refiner: SamplingModel | None, dtype: str) -> dict[str, Any]:
+    """What every image of this run shares (the per-image prompt, seed and index are added later)."""
+    size = [args.height, args.width]
+    out = {"negative_prompt": args.negative_prompt, "sampler": args.sampler, "steps": args.steps,
+           "guidance_scale": args.guidance, "height": args.height, "width": args.width,
+           "original_size_as_tuple": list(args.original_size or size),
+           "crop_coords_top_left": list(args.crop_top_left), "target_size_as_tuple": list(args.target_size or size),
+           "dtype": dtype, "base": base.info, "refiner": None}  # fmt: skip
+    uses_aesthetic = any(m is not None and "aesthetic_score" in m.model.conditioner.input_keys for m in (base, refiner))
+    if uses_aesthetic:
+        out["aesthetic_score"], out["negative_aesthetic_score"] = args.aesthetic_score, args.negative_aesthetic_score
+    if refiner is not None:
+        out["refiner"] = {**refiner.info, "strength": args.refiner_strength}
+    return out
+
+
+def parameters_text(meta: dict[str, Any]) -> str:
+    """The readable summary (the "parameters" layout other SD tools show): prompt, negative, settings."""
+    fields = [("Steps", meta["steps"]), ("Sampler", SAMPLER_NAMES[meta["sampler"]]), ("CFG scale", meta["guidance_scale"]),
+              ("Seed", meta["seed"]), ("Size", f"{meta['width']}x{meta['height']}"),
+              ("Original size (h, w)", meta["original_size_as_tuple"]), ("Crop top-left", meta["crop_coords_top_left"]),
+              ("Target size (h, w)", meta["target_size_as_tuple"]), ("Model", meta["base"]["model"]),
+              ("Model hash", meta["base"]["sha256"][:10]), ("Weights", meta["base"]["weights"])]  # fmt: skip
+    if meta["refiner"]:
+        fields += [("Refiner", meta["refiner"]["model"]), ("Refiner hash", meta["refiner"]["sha256"][:10]),
+                   ("Refiner strength", meta["refiner"]["strength"])]  # fmt: skip
+    if "aesthetic_score" in meta:
+        fields += [
+            ("Aesthetic score", meta["aesthetic_score"]),
+            ("Negative aesthetic score", meta["negative_aesthetic_score"]),
+        ]
+    negative = f"\nNegative prompt: {meta['negative_prompt']}" if meta["negative_prompt"] else ""
+    return meta["prompt"] + negative + "\n" + ", ".join(f"{k}: {v}" for k, v in fields)
+
+
+def save_png(image: Image.Image, path: Path, texts: dict[str, str]) -> Path:
+    """Write a PNG with text chunks, atomically (an interrupted run leaves no half image)."""
+    info = PngImagePlugin.PngInfo()
+    for key, value in texts.items():
+        info.add_text(key, value)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    path.chmod(0o644)  # the temporary file was private (mkstemp); images are for sharing
+    return path
+
+
+def read_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings JSON of a PNG written by `python -m sgm.sample`."""
+    with Image.open(path) as image:
+        text = image.text.get(SETTINGS_KEY)
+    if text is None:
+        raise ValueError(f"{path} has no '{SETTINGS_KEY}' text chunk; it was not written by python -m sgm.sample")
+    return json.loads(text)

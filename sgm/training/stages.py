@@ -1,0 +1,174 @@
+"""Run SDXL's four training stages in sequence on one machine, each from its parent's final weights.
+
+    python -m sgm.training.stages --tiny                # tiny models on the demo data, CPU, a few minutes
+    python -m sgm.training.stages --root runs/sdxl data=webdataset data.shards='/data/{00000..09999}.tar' \\
+        strategy=ddp trainer.precision=bf16-mixed     # the paper's recipe (configs/stage/*.yaml)
+    python -m sgm.training.stages --root runs/sdxl --print-overrides refiner [overrides...]   # for sbatch
+
+Stages: pretrain_256 -> pretrain_512 -> multiaspect_1024 (base model) and refiner. Each stage is one
+`python train.py` process with stage=<stage>, run_dir=<root>/<stage>, name=<stage> and (after the first)
+pretrained=<root>/<parent>/<parent>_full.safetensors: the parent's exported final weights (EMA when
+it has them), loaded by part (configs/stage/refiner.yaml takes only the VAE and the text tower), with a
+fresh optimizer at step 0. A process per stage, not one process for all: it is exactly what a SLURM job
+runs (sbatch chains use the same overrides), a DDP launch re-executes its own command, and nothing
+leaks from one stage into the next (memory, seeds, threads).
+
+A stage whose final weights exist is finished and skipped; an unfinished one resumes from its newest
+checkpoint (resume=auto). Delete a stage's <stage>_full.safetensors to train it further or again.
+Extra overrides go to every stage, except `pretrained` and `pretrained_parts`, which only start the
+first stage (e.g. from released parts). An `experiment=NAME` whose folder configs/experiment/NAME/
+holds <stage>.yaml files is given to each stage as experiment=NAME/<stage> (per-stage presets, such
+as tiny_stages); without an experiment the stage configs run alone (not train.py's demo experiment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+STAGES: tuple[str, ...] = ("pretrain_256", "pretrain_512", "multiaspect_1024", "refiner")
+RUNNER_KEYS = ("stage", "run_dir", "name", "model", "export.unet_only")  # set per stage; refused in extra
+FIRST_STAGE_KEYS = ("pretrained", "pretrained_parts")  # where the pipeline starts: the first stage only
+TINY_PRESET = "experiment=tiny_stages"
+# The repository (configs/, train.py; as sgm.models.build.config_root), found without importing torch:
+# the runner process only waits on its stages.
+REPO = Path(__file__).resolve().parents[2]
+_PLAIN_VALUE = re.compile(r"^[\w./:@+-]+$", re.ASCII)
+
+
+class StageError(RuntimeError):
+    """A stage failed or left no final weights; the message says how to continue."""
+
+
+def parent_of(stage: str) -> str | None:
+    """The stage whose final weights this one starts from (None for the first)."""
+    index = _index(stage)
+    return STAGES[index - 1] if index > 0 else None
+
+
+def final_weights(stage: str, root: str | Path) -> Path:
+    """Where a stage's run exports its final weights: <root>/<stage>/<stage>_full.safetensors."""
+    _index(stage)
+    return Path(root).absolute() / stage / f"{stage}_full.safetensors"
+
+
+def stage_overrides(stage: str, root: Path, extra: Sequence[str] = ()) -> list[str]:
+    """The train.py overrides for one stage: stage, run_dir, name, the parent's final weights, then extra.
+
+    Computable before the parent has run (the parent's path follows from root), so a job chain can
+    prepare every stage up front."""
+    _index(stage)
+    keys = [_key(item) for item in extra]
+    owned = [item for item, key in zip(extra, keys) if key in RUNNER_KEYS]
+    if owned:
+        raise ValueError(
+            f"the stage runner sets {', '.join(RUNNER_KEYS)} for each stage; remove {owned} from the overrides "
+            "(other models: an experiment with per-stage files, see configs/experiment/tiny_stages/)"
+        )
+    run_dir = Path(root).absolute() / stage
+    overrides = [f"stage={stage}", f"run_dir={_hydra_value(str(run_dir))}", f"name={stage}"]
+    parent = parent_of(stage)
+    if parent is not None:
+        overrides.append(f"pretrained={_hydra_value(str(final_weights(parent, root)))}")
+    if "experiment" not in keys:
+        overrides.append("~experiment")  # train.py's default experiment is the demo job
+    for item, key in zip(extra, keys):
+        if parent is not None and key in FIRST_STAGE_KEYS:
+            continue
+        overrides.append(_per_stage_experiment(item, stage) if key == "experiment" else item)
+    return overrides
+
+
+def run_stages(root: str | Path, extra: Sequence[str] = (), python: str = sys.executable) -> dict[str, Path]:
+    """Run the unfinished stages in order, one `train.py` process each; returns stage -> final weights."""
+    root = Path(root).absolute()
+    train_py = REPO / "train.py"
+    for number, stage in enumerate(STAGES, start=1):
+        weights = final_weights(stage, root)
+        if weights.is_file():
+            print(f"[sgm] stage {number}/{len(STAGES)} {stage}: finished, skipped ({weights})", flush=True)
+            continue
+        command = [python, str(train_py), *stage_overrides(stage, root, extra)]
+        print(f"[sgm] stage {number}/{len(STAGES)} {stage}: {shlex.join(command)}", flush=True)
+        code = subprocess.run(command, check=False).returncode
+        if code != 0:
+            raise StageError(
+                f"stage {stage} failed (exit code {code}; its output is above). Fix the cause and run the same "
+                "command again: finished stages are skipped and this one resumes from its newest checkpoint."
+            )
+        if not weights.is_file():
+            raise StageError(f"stage {stage} ended without writing {weights} (no checkpoint to export?); "
+                             f"see {weights.parent / 'outputs.json'}")  # fmt: skip
+    return {stage: final_weights(stage, root) for stage in STAGES}
+
+
+def report(root: str | Path) -> str:
+    """Where each stage went: its run directory, final weights and lineage record."""
+    lines = []
+    for stage in STAGES:
+        weights = final_weights(stage, root)
+        lines.append(
+            f"[sgm] {stage}: {weights.parent}  weights {weights.name}  lineage {weights.parent / 'lineage.json'}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sgm.training.stages", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[1:]))  # fmt: skip
+    parser.add_argument("--root", default=None, help="one folder per stage goes here (default: outputs/stages, "
+                        "outputs/stages_tiny with --tiny)")  # fmt: skip
+    parser.add_argument("--tiny", action="store_true", help=f"the tiny CPU preset ({TINY_PRESET})")
+    parser.add_argument("--print-overrides", metavar="STAGE", choices=STAGES,
+                        help="print that stage's train.py overrides on one line, shell-quoted, and exit")  # fmt: skip
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every stage, as for train.py")
+    args = parser.parse_args(argv)
+    root = Path(args.root or ("outputs/stages_tiny" if args.tiny else "outputs/stages"))
+    extra = [TINY_PRESET, *args.overrides] if args.tiny else list(args.overrides)
+    try:
+        if args.print_overrides:
+            print(shlex.join(stage_overrides(args.print_overrides, root, extra)))
+            return 0
+        run_stages(root, extra)
+    except (ValueError, StageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(report(root), flush=True)
+    return 0
+
+
+def _index(stage: str) -> int:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; the stages are {', '.join(STAGES)}")
+    return STAGES.index(stage)
+
+
+def _key(override: str) -> str:
+    """The config key an override sets ("+a.b=1" -> "a.b", "~experiment" -> "experiment")."""
+    return override.lstrip("+~").split("=", 1)[0].strip()
+
+
+def _hydra_value(value: str) -> str:
+    """A value as Hydra's override grammar reads it back unchanged (quoted when it holds odd characters)."""
+    if _PLAIN_VALUE.match(value):
+        return value
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)  # backslashes before a quote double
+    return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped) + "'"
+
+
+def _per_stage_experiment(override: str, stage: str) -> str:
+    """experiment=NAME -> experiment=NAME/<stage> when configs/experiment/NAME/<stage>.yaml exists."""
+    name = override.split("=", 1)[1].strip() if "=" in override else ""
+    if name and (REPO / "configs" / "experiment" / name / f"{stage}.yaml").is_file():
+        return f"{override.split('=', 1)[0]}={name}/{stage}"
+    return override
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,177 @@
+"""The SLURM pieces that need no cluster (part of the default suite): the preemption callback's step
+boundary and rank agreement, a real preempt-then-resume in-process, the requeue command, the plugins
+chosen under SLURM, the stage submitter's arguments, the sbatch template, and a local Hydra multirun."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import stat
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from slurm_utils import REPO
+from training_utils import compose_train, fast_overrides, make_shards, train_cli
+
+from sgm.training.preemption import Preempted, RequeueOnSignal, requeue_slurm_job, slurm_callbacks, slurm_plugins
+from sgm.training.run import run
+
+
+class StubTrainer:
+    """What RequeueOnSignal touches of a Trainer; `any_rank_signalled` stands for the other ranks' flags."""
+
+    def __init__(self, global_zero: bool = True, any_rank_signalled: bool = False) -> None:
+        self.global_step = 0
+        self.is_global_zero = global_zero
+        self.saved: list[str] = []
+        self.strategy = SimpleNamespace(reduce_boolean_decision=lambda flag, all: flag or any_rank_signalled)
+
+    def save_checkpoint(self, path, weights_only: bool = False) -> None:
+        self.saved.append(str(path))
+
+
+def test_acts_only_at_an_optimizer_step_boundary_once_signalled(tmp_path):
+    requeued = []
+    callback = RequeueOnSignal(tmp_path / "requeue.ckpt", requeue=lambda: requeued.append(1) or "requeued")
+    trainer = StubTrainer()
+    callback.on_train_start(trainer, None)
+    trainer.global_step = 1
+    callback.on_train_batch_end(trainer, None)  # a step, no signal
+    callback.signalled = True
+    callback.on_train_batch_end(trainer, None)  # same global_step: mid gradient accumulation
+    assert trainer.saved == [] and requeued == []
+    trainer.global_step = 2
+    with pytest.raises(Preempted, match="step 2"):
+        callback.on_train_batch_end(trainer, None)
+    assert trainer.saved == [str(tmp_path / "requeue.ckpt")] and requeued == [1]
+
+
+def test_every_rank_saves_when_any_rank_got_the_signal_and_only_rank_zero_requeues(tmp_path):
+    requeued = []
+    callback = RequeueOnSignal(tmp_path / "requeue.ckpt", requeue=lambda: requeued.append(1) or "requeued")
+    trainer = StubTrainer(global_zero=False, any_rank_signalled=True)  # this rank saw no signal itself
+    callback.on_train_start(trainer, None)
+    trainer.global_step = 1
+    with pytest.raises(Preempted):
+        callback.on_train_batch_end(trainer, None)
+    assert trainer.saved and requeued == []
+
+
+def test_the_signal_handler_only_sets_the_flag_and_is_restored(tmp_path):
+    before = signal.getsignal(signal.SIGUSR1)
+    callback = RequeueOnSignal(tmp_path / "requeue.ckpt")
+    callback.setup(None, None, "fit")
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert callback.signalled
+    finally:
+        callback.teardown(None, None, "fit")
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
+class SignalAtStep(pl.Callback):
+    """Sends this process the requeue signal when the given step begins (as SLURM would, mid-step)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_preempted_run_stops_after_a_checkpoint_and_resume_auto_continues_from_it(tmp_path, capsys):
+    shards = make_shards(tmp_path / "shards", num_samples=16, num_emoji=2, samples_per_shard=8)
+    run_dir = tmp_path / "run"
+    cfg = compose_train(fast_overrides(run_dir, shards, max_steps=4, every=4) + ["samples.at_train_end=false"])
+    requeued = []
+    preemption = RequeueOnSignal(run_dir / "checkpoints" / "requeue.ckpt", requeue=lambda: requeued.append(1) or "ok")
+    assert run(cfg, extra_callbacks=[preemption, SignalAtStep(1)]) == {}  # stopped: nothing exported
+    assert requeued == [1] and not (run_dir / "outputs.json").exists()
+    state = torch.load(run_dir / "checkpoints" / "requeue.ckpt", weights_only=False)
+    assert state["global_step"] == 2  # the step in flight when the signal came was finished first
+    assert state["SDXLDataModule"]["loader"]["ranks"]  # the data position travels with it
+
+    outputs = run(compose_train(fast_overrides(run_dir, shards, max_steps=4, every=4) + ["samples.at_train_end=false"]))
+    assert f"resuming from {run_dir / 'checkpoints' / 'requeue.ckpt'}" in capsys.readouterr().out
+    assert outputs["global_step"] == "4"
+
+
+def fake_scontrol(folder: Path, exit_code: int = 0) -> Path:
+    """An `scontrol` that records its arguments (SLURM itself is absent here)."""
+    folder.mkdir(exist_ok=True)
+    script = folder / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$@" >> "{folder}/calls"\necho "refused" >&2\nexit {exit_code}\n')
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return folder
+
+
+def test_requeue_names_the_job_or_the_array_task(tmp_path, monkeypatch):
+    bin_dir = fake_scontrol(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    assert requeue_slurm_job() == "job 42 requeued"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "40")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    assert requeue_slurm_job() == "job 40_1 requeued"
+    assert (bin_dir / "calls").read_text().splitlines() == ["requeue 42", "requeue 40_1"]
+    fake_scontrol(bin_dir, exit_code=1)
+    assert requeue_slurm_job() == "scontrol requeue 40_1 failed (refused): resubmit the job to resume"
+
+
+def test_under_slurm_lightnings_mid_step_requeue_is_replaced(tmp_path, monkeypatch):
+    for name in ("SLURM_NTASKS", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    assert slurm_plugins() == [] and slurm_callbacks(tmp_path) == []
+    monkeypatch.setenv("SLURM_NTASKS", "2")  # what srun sets for 2 tasks on one node
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
+    monkeypatch.setenv("SLURM_JOB_NAME", "sgm")
+    (environment,) = slurm_plugins()
+    assert isinstance(environment, SLURMEnvironment) and not environment.auto_requeue
+    (callback,) = slurm_callbacks(tmp_path)
+    assert isinstance(callback, RequeueOnSignal) and callback.checkpoint_path == tmp_path / "checkpoints/requeue.ckpt"
+
+
+def test_submit_stages_splits_its_options_sbatch_options_and_overrides():
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("submit_stages", REPO / "slurm" / "submit_stages.py")
+    module = module_from_spec(spec)
+    spec.loader.exec_module(module)
+    root, options, overrides = module.parse_arguments(["--root", "r", "--time=1:00:00", "-p", "gpu", "--", "a=1"])
+    assert (root, options, overrides) == (Path("r"), ["--time=1:00:00", "-p", "gpu"], ["a=1"])
+    assert module.parse_arguments(["--root=r", "--time=1:00:00", "a=1", "~b"])[1:] == (
+        ["--time=1:00:00"],
+        ["a=1", "~b"],
+    )
+    with pytest.raises(ValueError, match="stage runner sets"):  # stage_overrides refuses keys it owns
+        module.submit_chain(Path("r"), ["run_dir=x"])
+
+
+def test_sbatch_template_requeues_appends_and_signals_before_the_limit():
+    template = (REPO / "slurm" / "train.sbatch").read_text()
+    directives = re.findall(r"^#SBATCH (\S+)", template, flags=re.MULTILINE)
+    assert {"--requeue", "--open-mode=append"} <= set(directives)
+    assert any(re.fullmatch(r"--signal=USR1@\d+", d) for d in directives)  # what RequeueOnSignal listens for
+    assert not any(d.startswith("--ntasks=") for d in directives)  # Lightning refuses --ntasks
+    assert 'srun --kill-on-bad-exit=1 "$PYTHON" "$SGM_REPO/train.py"' in template and '"$@"' in template
+
+
+def test_local_multirun_gives_each_sweep_point_its_own_run_dir(tmp_path):
+    shards = make_shards(tmp_path / "shards", num_samples=16, num_emoji=2, samples_per_shard=8)
+    run_dir = tmp_path / "sweep"
+    overrides = fast_overrides(run_dir, shards, max_steps=1, every=1) + ["samples.at_train_end=false"]
+    result = train_cli(["-m", "module.lr=1e-4,3e-4", *overrides], timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for number, lr in enumerate((1e-4, 3e-4)):
+        job_dir = run_dir / "multirun" / str(number)
+        assert json.loads((job_dir / "outputs.json").read_text())["run_dir"] == str(job_dir)
+        assert f"lr: {lr}" in (job_dir / "config.yaml").read_text()
+    assert not (run_dir / "checkpoints").exists()  # nothing trained in the shared run_dir

@@ -361,6 +361,20 @@ def test_local_random_access_reader_matches_the_webdataset_stream_reader(tmp_pat
                       ("in_header", data.index(b"k2.jpg") + 100), ("in_padding", data.index(b"k0.json") + 512 + 40)]:  # fmt: skip
         (tmp_path / f"cut_{name}.tar").write_bytes(data[:end])
         shards.append(str(tmp_path / f"cut_{name}.tar"))
+    split_key = "d" * 60 + "/" + "k" * 80  # ustar's prefix field carries the folder: read by the fast path
+    long_key = "sub/" + "k" * 300  # a pax (or GNU long-name) header: the fast reader hands over to tarfile
+    for fmt, name in [(tarfile.PAX_FORMAT, "pax"), (tarfile.GNU_FORMAT, "gnu"), (tarfile.USTAR_FORMAT, "ustar")]:
+        with tarfile.open(tmp_path / f"{name}.tar", "w", format=fmt) as tar:
+            directory = tarfile.TarInfo("adir")
+            directory.type = tarfile.DIRTYPE
+            tar.addfile(directory)
+            for member, payload in sample_members("plain", 32, 32, seed=1) + sample_members(split_key, 32, 32, seed=4) + (
+                sample_members(long_key, 32, 32, seed=2) if fmt != tarfile.USTAR_FORMAT else []
+            ) + sample_members("after", 32, 32, seed=3):
+                info = tarfile.TarInfo(member)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+        shards.append(str(tmp_path / f"{name}.tar"))
     assert local_tar_path(shards[0]) == shards[0] and local_tar_path("pipe:cat " + shards[0]) is None
     assert local_tar_path("file://" + shards[0]) == shards[0] and local_tar_path(shards[0] + ".gz") is None
 
@@ -371,3 +385,6 @@ def test_local_random_access_reader_matches_the_webdataset_stream_reader(tmp_pat
 
     for shard in shards:
         assert read(shard) == read("pipe:cat " + shard), shard
+    keys = [sample["__key__"] for sample in read(str(tmp_path / "pax.tar"))[0]]
+    assert keys == ["plain", split_key, long_key, "after"]
+    assert [sample["__key__"] for sample in read(str(tmp_path / "ustar.tar"))[0]] == ["plain", split_key, "after"]

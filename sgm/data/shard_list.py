@@ -223,10 +223,57 @@ def local_tar_members(
 ) -> Iterator[dict[str, Any]]:
     """{"fname", "data"} for the regular members of a seekable tar, in order (tar_file_iterator's contract).
 
-    Headers come from tarfile (pax and GNU long names included); each member's data is one read
-    at its offset. A member whose data (or padding) the file cuts short goes to `handler`, which
-    ends the shard; an unreadable first header raises tarfile.ReadError.
+    Plain ustar headers (regular files and directories, valid checksum: what webdataset's and
+    img2dataset's writers produce) are parsed here, each member's data read in one call; at the
+    first other header (pax, GNU long names, end-of-archive, damage) tarfile takes over from that
+    offset, so every unusual case keeps tarfile's semantics. Data (or padding) that the file cuts
+    short goes to `handler`, which ends the shard; an unreadable first header raises tarfile.ReadError.
     """
+    end = os.fstat(file.fileno()).st_size
+    offset = 0
+    while True:
+        file.seek(offset)
+        header = _plain_ustar_header(file.read(_BLOCK))
+        if header is None:
+            break
+        name, size, is_file = header
+        data_offset, offset = offset + _BLOCK, offset + _BLOCK + -(-size // _BLOCK) * _BLOCK
+        selected = is_file and not _META_MEMBER.match(name) and select_files(name)
+        if offset > end:
+            handler(tarfile.ReadError(f"unexpected end of data in {name} ({end - data_offset} of {size} bytes)"))
+            return
+        if selected:
+            file.seek(data_offset)
+            yield {"fname": name, "data": file.read(size)}
+    file.seek(offset)
+    yield from _tarfile_members(file, handler, select_files)
+
+
+_BLOCK = 512
+_PLAIN_TYPES = {b"0": True, b"\0": True, b"7": True, b"5": False}  # regular file (True) or directory
+
+
+def _plain_ustar_header(block: bytes) -> tuple[str, int, bool] | None:
+    """(name, size, is_file) of a plain ustar header with a valid checksum; None for anything else."""
+    if len(block) != _BLOCK or block[257:262] != b"ustar":
+        return None
+    is_file = _PLAIN_TYPES.get(block[156:157])
+    try:
+        checksum = int(block[148:156].split(b"\0", 1)[0].strip() or b"x", 8)
+        size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:  # base-256 sizes and damaged fields: tarfile's business
+        return None
+    if is_file is None or checksum != sum(block) - sum(block[148:156]) + 8 * 32:
+        return None
+    name = block[:100].split(b"\0", 1)[0]
+    prefix = block[345:500].split(b"\0", 1)[0] if block[257:263] == b"ustar\0" else b""
+    return (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape"), size, is_file
+
+
+def _tarfile_members(
+    file: Any, handler: Callable[[BaseException], bool], select_files: Callable[[str], bool]
+) -> Iterator[dict[str, Any]]:
+    """local_tar_members' contract from the file's current offset, with tarfile reading the headers."""
     tar = tarfile.open(fileobj=file, mode="r:")
     while True:
         try:

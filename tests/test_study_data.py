@@ -8,15 +8,14 @@ for crop conditioning to have something to learn.
 from __future__ import annotations
 
 import io
-import json
 import math
-import tarfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from test_data_demo_dataset import read_samples  # the shards as {key, ext, image, caption, meta}
 
 from data import build_shapes_dataset as shapes
 from sgm.data.crop import covering_size
@@ -25,24 +24,6 @@ from sgm.data.shards import ShardError
 from sgm.eval.conditioning_metrics import mask_touches_border, parse_prompt, touches_border
 
 NUM_SAMPLES = 96
-
-
-def read_samples(out: Path) -> list[dict]:
-    """Every sample of the shards in `out`, in order: key, ext, image bytes, caption, json."""
-    samples: dict[str, dict] = {}
-    for shard in sorted(out.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                key, _, ext = member.name.partition(".")
-                data = tar.extractfile(member).read()
-                entry = samples.setdefault(key, {"key": key})
-                if ext == "txt":
-                    entry["caption"] = data.decode()
-                elif ext == "json":
-                    entry["meta"] = json.loads(data)
-                else:
-                    entry["ext"], entry["image"] = ext, data
-    return list(samples.values())
 
 
 def pixels(sample: dict) -> np.ndarray:

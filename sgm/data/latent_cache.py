@@ -38,11 +38,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import save, save_file
 from tqdm import tqdm
 
 from sgm.data.buckets import bucket_table, square_table
-from sgm.data.latent_loader import CACHE_CONFIG_FILE, EMPTY_CAPTION_FILE, LATENT_EXT, META_EXT, TEXT_EXT
+from sgm.data.latent_loader import (
+    CACHE_CONFIG_FILE,
+    EMPTY_CAPTION_FILE,
+    LATENT_EXT,
+    META_EXT,
+    TEXT_EXT,
+    read_text_embeddings,
+)
 from sgm.data.samples import ImageProcessor, ImageSample
 from sgm.data.shard_list import expand_shards
 from sgm.data.stream import SlotStream, StreamConfig
@@ -329,11 +336,7 @@ def read_empty_caption(cache_dir: str | os.PathLike) -> dict[int, tuple[torch.Te
     path = Path(cache_dir) / EMPTY_CAPTION_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: cache with text embeddings (--text-embeddings) to get it")
-    grouped: dict[int, dict[int, torch.Tensor]] = {}
-    for key, tensor in load_file(str(path)).items():
-        index, _, output = key.partition(".")
-        grouped.setdefault(int(index), {})[int(output)] = tensor
-    return {i: tuple(parts[j] for j in sorted(parts)) for i, parts in sorted(grouped.items())}
+    return read_text_embeddings(path.read_bytes())  # the same "{embedder}.{output}" naming as each sample
 
 
 def load_caching_model(config: CacheConfig, device: str | torch.device = "cpu") -> SDXL:

@@ -182,7 +182,6 @@ class LatentLoader(SlotLoader):
             processor=processor,
         )  # fmt: skip
         super().__init__(config, **loader_options)
-        self.text_embeddings = text_embeddings
         self._check_cache_resolution(square_size, base_resolution)
 
     def _cache_dir(self) -> str | None:
@@ -209,7 +208,7 @@ class LatentLoader(SlotLoader):
         dropout without running the text encoders; None without text embeddings or such a file."""
         folder = self._cache_dir()
         path = os.path.join(folder or ".", EMPTY_CAPTION_FILE)
-        if not self.text_embeddings or folder is None or not os.path.isfile(path):
+        if not self.config.processor.text_embeddings or folder is None or not os.path.isfile(path):
             return None
         with open(path, "rb") as file:
             return read_text_embeddings(file.read())

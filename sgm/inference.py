@@ -58,6 +58,7 @@ def generate_latents(
     refiner_strength: float | None = None,
     aesthetic_score: float = 6.0,
     negative_aesthetic_score: float = 2.5,
+    zero_uncond_text: bool | None = None,
     **micro: tuple[int, int],
 ) -> Tensor:
     """Sample scaled latents for the prompts.
@@ -65,7 +66,9 @@ def generate_latents(
     The unconditional branch follows the reference: a model with target-size conditioning (base)
     zeroes its text embeddings unless a negative prompt is given (then it is encoded, as diffusers'
     force_zeros_for_empty_prompt does); one with aesthetic-score conditioning (refiner) encodes the
-    negative prompt with the negative aesthetic score. `refiner_strength` stops a base run where a
+    negative prompt with the negative aesthetic score. `zero_uncond_text` overrides that choice: False
+    encodes the negative prompts even when empty (a model trained with caption_dropout_rate learned ""),
+    True zeroes them. `refiner_strength` stops a base run where a
     refiner of that strength takes over; pass its output to the refiner as `init_latents` with the
     same `strength` and `add_noise=False` (the paper's two-stage pipeline).
     `seed` as a sequence gives one seed per prompt: each image's starting noise then depends on its
@@ -83,7 +86,7 @@ def generate_latents(
     batch, uc_batch = (_to(b, cond_device) for b in (batch, uc_batch))
     is_refiner = "aesthetic_score" in keys
     cond = _to(model.conditioner(batch), device)
-    zero_text = not is_refiner and not any(negatives)
+    zero_text = not is_refiner and not any(negatives) if zero_uncond_text is None else zero_uncond_text
     uncond = _to(model.conditioner(uc_batch, zero_keys=("txt",) if zero_text else ()), device)
     seeds = [seed] if isinstance(seed, int) else list(seed)
     generator = torch.Generator(device="cpu").manual_seed(seeds[0])

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.cpp_extension import get_default_build_root
+
+
+def environment_extensions_dir() -> str:
+    """A folder for DeepSpeed's JIT-compiled ops (shm_comm for the CPU DeepSpeed runs, cpu_adam) of this
+    Python environment only. The default folder is shared by every environment of one Python and CUDA
+    version, and each compiles with its own include paths: a fresh clone's .venv and the dev venv on one
+    machine then rebuilt each other's ops on every run (about a minute per op)."""
+    tag = hashlib.sha256(sys.prefix.encode()).hexdigest()[:10]
+    return str(Path(get_default_build_root()) / f"py{sys.version_info.major}{sys.version_info.minor}-env-{tag}")
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", environment_extensions_dir())  # train.py subprocesses inherit it
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 REFERENCE_DIR = Path(__file__).parent / "reference"

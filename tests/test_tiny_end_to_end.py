@@ -35,7 +35,7 @@ def test_tiny_model_overfits_a_fixed_batch_with_the_sdxl_loss(tiny):
     unet = tiny.unet.train()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-3)
     losses = []
-    for _ in range(120):
+    for _ in range(30):  # the loss is ~0.02x the first one after 20 steps, ~0.002x after 30
         loss = loss_fn(unet, latents, cond, generator=torch.Generator().manual_seed(7)).mean()
         optimizer.zero_grad()
         loss.backward()

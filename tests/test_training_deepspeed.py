@@ -2,8 +2,9 @@
 
 Production DeepSpeed needs GPUs; `CPUDeepSpeedStrategy` (the CPU twin of Lightning's strategy) is
 put on top of the production YAMLs (configs/strategy/deepspeed_*.yaml), so their DeepSpeed
-settings are what runs here. The first run JIT-compiles DeepSpeed's shm_comm op (about 30 s, then
-cached in TORCH_EXTENSIONS_DIR). The checkpoint-safety and config units at the end need no processes.
+settings are what runs here. The first run JIT-compiles DeepSpeed's shm_comm op (about a minute, then
+cached in this environment's TORCH_EXTENSIONS_DIR, see conftest.py). The checkpoint-safety and config units
+at the end need no processes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 import torch
 from conftest import fresh_tiny_model
 from test_training_units import make_module
-from training_utils import fast_overrides, make_shards, train_cli
+from training_utils import fast_overrides, loader_batch_keys, make_shards, train_cli
 
 from sgm.checkpoint.io import load_checkpoint
 from sgm.training import export
@@ -33,6 +34,7 @@ CPU_DEEPSPEED = [
     "trainer.accelerator=cpu",
     "trainer.devices=2",
 ]
+PROMPT = "a red heart"  # one sample image is enough to show that ZeRO-2 runs draw samples
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +44,18 @@ def shards(tmp_path_factory):
 
 def deepspeed_run(run_dir: Path, shards: Path, strategy: str, max_steps: int, every: int, *extra: str):
     overrides = fast_overrides(run_dir, shards, max_steps=max_steps, every=every)
-    overrides += [f"strategy={strategy}", *CPU_DEEPSPEED, "module.ema_decay=0.9", "log_batch_keys=true", *extra]
+    overrides += [f"strategy={strategy}", *CPU_DEEPSPEED, "module.ema_decay=0.9", "log_batch_keys=true",
+                  f"samples.prompts=['{PROMPT}']", *extra]  # fmt: skip
     result = train_cli(overrides, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
+
+
+@pytest.fixture(scope="module")
+def loader_stream(shards, tmp_path_factory) -> list[str]:
+    """Rank 0's first 6 batches of 2 ranks, as `batch_keys` lists them: what uninterrupted runs train on."""
+    overrides = fast_overrides(tmp_path_factory.mktemp("unused"), shards)
+    return [",".join(keys) for keys in loader_batch_keys(overrides, rank=0, world_size=2, steps=6).values()]
 
 
 def batch_keys(run_dir: Path) -> list[str]:
@@ -86,10 +96,10 @@ def check_export_matches_ema(run_dir: Path, checkpoint: dict) -> None:
 
 @pytest.fixture(scope="module")
 def zero2_run(shards, tmp_path_factory):
-    """ZeRO-2 for 4 steps, then resume=auto to step 6 with optimizer offload and clipping at 0.5."""
+    """ZeRO-2 for 2 steps, then resume=auto to step 4 with optimizer offload and clipping at 0.5."""
     run_dir = tmp_path_factory.mktemp("zero2") / "run"
-    first = deepspeed_run(run_dir, shards, "deepspeed_zero2", 4, 2)
-    resumed = deepspeed_run(run_dir, shards, "deepspeed_zero2_offload", 6, 2, "trainer.gradient_clip_val=0.5")
+    first = deepspeed_run(run_dir, shards, "deepspeed_zero2", 2, 2)
+    resumed = deepspeed_run(run_dir, shards, "deepspeed_zero2_offload", 4, 2, "trainer.gradient_clip_val=0.5")
     return run_dir, first, resumed
 
 
@@ -104,13 +114,13 @@ def test_zero2_writes_complete_sharded_checkpoints_and_samples_with_the_ema(zero
 
 
 @pytest.mark.slow
-def test_zero2_resume_continues_steps_optimizer_data_and_ema(zero2_run, tmp_path):
+def test_zero2_resume_continues_steps_optimizer_data_and_ema(zero2_run, loader_stream, tmp_path):
     run_dir, _, resumed = zero2_run
     last = run_dir / "checkpoints" / "last.ckpt"
     assert f"resuming from {last}" in resumed.stdout
     checkpoint = export.load_training_checkpoint(last)
-    assert checkpoint["global_step"] == 6 and int(checkpoint["state_dict"]["ema.num_updates"]) == 6
-    assert optimizer_step_count(last) == 6  # AdamW state came back from the shards, not restarted
+    assert checkpoint["global_step"] == 4 and int(checkpoint["state_dict"]["ema.num_updates"]) == 4
+    assert optimizer_step_count(last) == 4  # AdamW state came back from the shards, not restarted
     config = ds_config(last)
     assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert config["gradient_clipping"] == 0.5  # trainer.gradient_clip_val reaches DeepSpeed
@@ -118,8 +128,8 @@ def test_zero2_resume_continues_steps_optimizer_data_and_ema(zero2_run, tmp_path
     with open(run_dir / "logs" / "metrics.csv") as stream:  # the first attempt's rows, then the resumed run's
         rows = [(int(row["step"]), float(row["train/grad_norm"])) for row in csv.DictReader(stream)
                 if row.get("train/grad_norm")]  # fmt: skip
-    assert [step for step, _ in rows] == list(range(6)) and all(0 < n < float("inf") for _, n in rows)
-    assert len(batch_keys(run_dir)) == 6
+    assert [step for step, _ in rows] == list(range(4)) and all(0 < n < float("inf") for _, n in rows)
+    assert batch_keys(run_dir) == loader_stream[:4]  # the same batches as an uninterrupted run, across the resume
     check_export_matches_ema(run_dir, checkpoint)
     out = tmp_path / "raw_unet.safetensors"  # the export command on the sharded directory, raw weights
     assert export.main([str(last), str(out), "--model", "tiny", "--raw", "--unet-only"]) == 0
@@ -130,7 +140,7 @@ def test_zero2_resume_continues_steps_optimizer_data_and_ema(zero2_run, tmp_path
 
 
 @pytest.mark.slow
-def test_zero3_with_accumulation_trains_checkpoints_and_exports_the_gathered_ema(shards, tmp_path, zero2_run):
+def test_zero3_with_accumulation_trains_checkpoints_and_exports_the_gathered_ema(shards, tmp_path, loader_stream):
     run_dir = tmp_path / "zero3"
     result = deepspeed_run(run_dir, shards, "deepspeed_zero3", 3, 3, "trainer.accumulate_grad_batches=2")
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -140,7 +150,7 @@ def test_zero3_with_accumulation_trains_checkpoints_and_exports_the_gathered_ema
     assert checkpoint["global_step"] == 3 and int(checkpoint["state_dict"]["ema.num_updates"]) == 3  # per step
     assert ds_config(last)["gradient_accumulation_steps"] == 2
     check_export_matches_ema(run_dir, checkpoint)
-    assert batch_keys(run_dir) == batch_keys(zero2_run[0])  # same 6 batches in the same order
+    assert batch_keys(run_dir) == loader_stream  # 6 batches in 3 steps: the stream ZeRO-2 trained on, in order
 
 
 # -- no processes -------------------------------------------------------------------------------

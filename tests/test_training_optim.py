@@ -27,9 +27,12 @@ from sgm.training.run import build_module, run
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 BNB_QMAP_BYTES = 2 * 256 * 4  # bitsandbytes' two shared fp32 quantisation maps (signed and unsigned)
-# DeepSpeed compiles its CPU Adam on first use (1-4 minutes here): test it where a build is cached.
+# DeepSpeed compiles its CPU Adam on first use (1-4 minutes here): test it where this environment has a build
+# (conftest.py gives each environment its own TORCH_EXTENSIONS_DIR: another one's build would be recompiled).
 EXTENSIONS = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
 CPU_ADAM_BUILT = any(EXTENSIONS.glob("**/cpu_adam/cpu_adam*.so"))
+BUILD_CPU_ADAM = (f"TORCH_EXTENSIONS_DIR={EXTENSIONS} python -c "
+                  "'from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()'")  # fmt: skip
 
 # (name, lr): Adafactor's lr caps a step *relative* to each weight's RMS, so it takes a larger value.
 TRAINABLE = [
@@ -40,7 +43,7 @@ TRAINABLE = [
         "deepspeed_cpu_adam",
         1e-2,
         marks=pytest.mark.skipif(
-            not CPU_ADAM_BUILT, reason="DeepSpeed's CPU Adam extension not built yet (first use compiles it)"
+            not CPU_ADAM_BUILT, reason=f"DeepSpeed's CPU Adam not built yet (first use compiles it): {BUILD_CPU_ADAM}"
         ),
     ),
 ]

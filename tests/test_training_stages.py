@@ -1,5 +1,5 @@
 """The four stages: the runner, each stage starting from its parent's final weights, lineage.json,
-fine-tuning from an official file by part."""
+fine-tuning from an official file by part; the stages also show the default logger (wandb) running offline."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from conftest import fresh_tiny_model
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from training_utils import REPO, compose_train, make_shards, train_cli
+from training_utils import REPO, compose_train, make_shards
 
 from sgm.checkpoint.io import (
     CheckpointMismatchError,
@@ -31,7 +31,7 @@ from sgm.training.lineage import (
     read_lineage,
     write_lineage,
 )
-from sgm.training.run import build_module
+from sgm.training.run import build_module, run
 from sgm.training.stages import STAGES, final_weights, main, parent_of, stage_overrides
 
 VAE = "first_stage_model."
@@ -45,10 +45,12 @@ def run_stages_cli(args: list[str]) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """The four tiny stages run once by the runner: (root, extra overrides, the runner's output)."""
+    """The four tiny stages run once by the runner: (root, extra overrides, the runner's output).
+    Two steps each (a checkpoint at the end): enough for EMA weights that differ from the raw ones."""
     shards = make_shards(tmp_path_factory.mktemp("shards"), num_samples=48, num_emoji=4, samples_per_shard=12)
     root = tmp_path_factory.mktemp("stages")
-    extra = ["threads=1", f"data.shards={shards}/*.tar", f"demo_data.out={shards}"]
+    extra = ["threads=1", f"data.shards={shards}/*.tar", f"demo_data.out={shards}", "trainer.max_steps=2",
+             "checkpoint.every_n_train_steps=2"]  # fmt: skip
     result = run_stages_cli(["--root", str(root), "--tiny", *extra])
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return root, ["experiment=tiny_stages", *extra], result.stdout
@@ -68,6 +70,9 @@ def test_four_stages_run_in_sequence_each_from_its_parents_final_ema_weights(pip
     assert starts == sorted(starts)
     for stage in STAGES:
         assert f"[sgm] {stage}: {root / stage}" in stdout  # the closing report says where each went
+        (wandb_run,) = (root / stage / "wandb").glob("offline-run-*")  # the default logger, offline: no login here
+        assert any(wandb_run.rglob("*.wandb"))
+        assert f"wandb offline run in {wandb_run} (upload it: wandb sync {wandb_run})" in stdout
     for stage in STAGES[1:]:
         parent = parent_of(stage)
         lineage = read_lineage(root / stage)
@@ -117,13 +122,13 @@ def test_rerun_skips_finished_stages_and_a_resumed_stage_keeps_its_lineage(pipel
     assert before == {stage: final_weights(stage, root).stat().st_mtime_ns for stage in STAGES}
 
     original = read_lineage(root / "refiner")
-    resumed = train_cli(stage_overrides("refiner", root, [*extra, "trainer.max_steps=8"]))
-    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
-    assert "resuming from" in resumed.stdout
+    # train.py's run, in-process; CSV logs, so that no wandb run starts inside pytest
+    run(compose_train(stage_overrides("refiner", root, [*extra, "trainer.max_steps=4", "logger=csv"])))
+    assert "resuming from" in capsys.readouterr().out
     lineage = read_lineage(root / "refiner")
     assert {k: v for k, v in lineage.items() if k != "resumes"} == {k: v for k, v in original.items() if k != "resumes"}
     assert [r["checkpoint"] for r in lineage["resumes"]] == [str(root / "refiner" / "checkpoints" / "last.ckpt")]
-    assert read_metadata(final_weights("refiner", root))["sgm.global_step"] == "8"
+    assert read_metadata(final_weights("refiner", root))["sgm.global_step"] == "4"
 
 
 def test_stage_overrides_point_each_stage_at_its_parent(tmp_path):

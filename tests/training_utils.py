@@ -53,6 +53,16 @@ def compose_train(overrides: list[str]) -> DictConfig:
         return compose(config_name="train", overrides=overrides)
 
 
+def loader_batch_keys(overrides: list[str], rank: int, world_size: int, steps: int) -> dict[int, list[str]]:
+    """step -> sample keys of the first `steps` batches of one rank's loader, built from the composed config:
+    what an uninterrupted run of these overrides trains on (as BatchKeyLog writes them)."""
+    from hydra.utils import instantiate
+
+    cfg = compose_train(overrides)
+    batches = iter(instantiate(cfg.data)(rank=rank, world_size=world_size))
+    return {step: [str(key) for key in next(batches)["__key__"]] for step in range(steps)}
+
+
 def train_cli(overrides: list[str], timeout: float = 240, wait: bool = True):
     """Run `python train.py <overrides>` in a subprocess (returns CompletedProcess, or Popen if not wait)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}

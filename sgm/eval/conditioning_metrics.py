@@ -53,6 +53,20 @@ def mask_touches_border(mask: np.ndarray) -> bool:
     return bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
 
 
+def cut_sides(mask: np.ndarray) -> list[str]:
+    """The frame's sides ("top", "bottom", "left", "right") that a bool mask reaches."""
+    edges = {"top": mask[0], "bottom": mask[-1], "left": mask[:, 0], "right": mask[:, -1]}
+    return [side for side, pixels in edges.items() if pixels.any()]
+
+
+def mask_centre(mask: np.ndarray) -> tuple[float, float] | None:
+    """The mask's centroid as (y, x) fractions of the image's height and width; None for an empty mask."""
+    if not mask.any():
+        return None
+    ys, xs = np.nonzero(mask)
+    return (float((ys.mean() + 0.5) / mask.shape[0]), float((xs.mean() + 0.5) / mask.shape[1]))
+
+
 def border_cut_fraction(images: Sequence[np.ndarray]) -> float:
     """Share of images whose object touches the border (images without an object count as not cut)."""
     if not len(images):
@@ -137,6 +151,8 @@ def analyse(image: np.ndarray) -> dict[str, Any]:
     return {
         "object_found": found.found,
         "touches_border": mask_touches_border(found.mask),
+        "cut_sides": cut_sides(found.mask),
+        "centre_yx": mask_centre(found.mask),
         "sharpness": _edge_sharpness(found),
         "spectral_sharpness": spectral_sharpness(image),
         "colour": _colour(image, found),

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import stat
+from importlib.util import module_from_spec, spec_from_file_location
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ from training_utils import compose_train, fast_overrides, make_shards, train_cli
 
 from sgm.training.preemption import Preempted, RequeueOnSignal, requeue_slurm_job, slurm_callbacks, slurm_plugins
 from sgm.training.run import run
+from sgm.training.stages import STAGES, final_weights, stage_overrides
 
 
 class StubTrainer:
@@ -139,20 +141,78 @@ def test_under_slurm_lightnings_mid_step_requeue_is_replaced(tmp_path, monkeypat
     assert isinstance(callback, RequeueOnSignal) and callback.checkpoint_path == tmp_path / "checkpoints/requeue.ckpt"
 
 
-def test_submit_stages_splits_its_options_sbatch_options_and_overrides():
-    from importlib.util import module_from_spec, spec_from_file_location
-
+def load_submit_stages():
+    """slurm/submit_stages.py as a module (it is a script, not part of the package)."""
     spec = spec_from_file_location("submit_stages", REPO / "slurm" / "submit_stages.py")
     module = module_from_spec(spec)
     spec.loader.exec_module(module)
-    root, options, overrides = module.parse_arguments(["--root", "r", "--time=1:00:00", "-p", "gpu", "--", "a=1"])
-    assert (root, options, overrides) == (Path("r"), ["--time=1:00:00", "-p", "gpu"], ["a=1"])
-    assert module.parse_arguments(["--root=r", "--time=1:00:00", "a=1", "~b"])[1:] == (
+    return module
+
+
+def test_submit_stages_splits_its_options_sbatch_options_and_overrides():
+    module = load_submit_stages()
+    root, options, overrides, stages = module.parse_arguments(
+        ["--root", "r", "--time=1:00:00", "-p", "gpu", "--", "a=1"]
+    )
+    assert (root, options, overrides, stages) == (Path("r"), ["--time=1:00:00", "-p", "gpu"], ["a=1"], STAGES)
+    assert module.parse_arguments(["--root=r", "--time=1:00:00", "a=1", "~b", "--stages=refiner"])[1:] == (
         ["--time=1:00:00"],
         ["a=1", "~b"],
+        ("refiner",),
     )
     with pytest.raises(ValueError, match="stage runner sets"):  # stage_overrides refuses keys it owns
         module.submit_chain(Path("r"), ["run_dir=x"])
+
+
+def fake_sbatch(folder: Path) -> Path:
+    """An `sbatch` that records its arguments (one line per call) and answers job ids 101, 102, ... (no cluster
+    needed; tests/slurm/test_slurm_jobs.py runs a real chain)."""
+    folder.mkdir(exist_ok=True)
+    script = folder / "sbatch"
+    script.write_text(f'#!/bin/sh\necho "$*" >> "{folder}/calls"\nexpr 100 + $(wc -l < "{folder}/calls")\n')
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return folder
+
+
+def test_submit_stages_holds_each_stage_until_the_one_before_ends_well(tmp_path, monkeypatch, capsys):
+    bin_dir = fake_sbatch(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SGM_JOB_ROOT", str(tmp_path / "logs"))
+    module, root, extra = load_submit_stages(), tmp_path / "stages", ["trainer.max_steps=2"]
+    assert module.main(["--root", str(root), "--", *extra]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{stage} {101 + i}" for i, stage in enumerate(STAGES)]
+    calls = (bin_dir / "calls").read_text().splitlines()
+    for number, (stage, call) in enumerate(zip(STAGES, calls)):
+        assert f"--job-name=sgm-{stage} " in call and call.endswith(" ".join(stage_overrides(stage, root, extra)))
+        dependency = [argument for argument in call.split() if argument.startswith("--dependency")]
+        assert dependency == ([f"--dependency=afterok:{100 + number}"] if number else [])  # the previous job's id
+
+    later = ["--root", str(root), "--stages", "multiaspect_1024,refiner"]  # resubmitting from a failed stage
+    parent = final_weights("pretrain_512", root)
+    (bin_dir / "calls").unlink()
+    assert module.main(later) == 1 and not (bin_dir / "calls").exists()  # refused before any submission
+    assert f"{parent}, which does not exist yet; add pretrain_512 to --stages" in capsys.readouterr().err
+    parent.parent.mkdir(parents=True)
+    parent.write_bytes(b"")
+    assert module.main(later) == 0
+    assert capsys.readouterr().out.splitlines() == ["multiaspect_1024 101", "refiner 102"]
+    first, second = (bin_dir / "calls").read_text().splitlines()
+    assert "--dependency" not in first and "--dependency=afterok:101 " in second
+    assert f"pretrained={parent}" in first.split()
+
+
+@pytest.mark.parametrize(
+    ("stages", "message"),
+    [
+        ("pretrain_256,multiaspect_1024", "give consecutive stages in the order pretrain_256 -> pretrain_512"),
+        ("pretrain_512,pretrain_256", "give consecutive stages"),
+        ("pretrain_256,base_1024", r"unknown stage\(s\) \['base_1024'\]; the stages are pretrain_256"),
+        ("", "no stage given"),
+    ],
+)
+def test_submit_stages_refuses_a_selection_the_chain_cannot_run(tmp_path, stages, message):
+    with pytest.raises(ValueError, match=message):
+        load_submit_stages().submit_chain(tmp_path, [], stages=tuple(s for s in stages.split(",") if s))
 
 
 def test_sbatch_template_requeues_appends_and_signals_before_the_limit():

@@ -1,0 +1,259 @@
+"""SDXL's conditioning effects in miniature (paper section 2.2), as one command on a CPU.
+
+    python -m sgm.eval.conditioning_study                  # the full study (under an hour on 2 cores)
+    python -m sgm.eval.conditioning_study --quick --out /tmp/study   # the pipeline end to end in minutes
+
+Steps (each skipped when its output is already there, so a rerun continues where it stopped):
+1. the synthetic shapes data (data/build_shapes_dataset.py): ground-truth objects saved at many sizes;
+2. the study model's VAE, trained with sgm.training.vae_training (no released VAE fits a tiny model);
+3. four diffusion models through the normal `train.py` path, experiment=conditioning_study/<variant>:
+   `full` (size + crop conditioning, as SDXL), `no_crop`, `no_size` and `none`; same data, seed, steps;
+4. samples under each condition (same prompts and per-image seeds everywhere), scored by
+   sgm.eval.conditioning_metrics (border cut, edge sharpness, colour and shape named in the prompt);
+5. `report.md` (tables + verdicts), `samples.png` (one row per condition) and `results.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sgm.diffusion.samplers import DPMPP2MSampler
+from sgm.eval.conditioning_metrics import score_samples
+from sgm.eval.study_report import write_report
+from sgm.inference import generate_latents, latents_to_uint8
+from sgm.sampling_checkpoints import load_sampling_model
+from sgm.training.checkpoint_io import newest_checkpoint
+from sgm.training.vae_training import VAETrainingSettings, compose_run_config, train_vae
+
+REPO = Path(__file__).resolve().parents[2]
+# experiment=conditioning_study/<variant>: full (size + crop), no_crop, no_size, none (neither)
+ALL_VARIANTS = ("full", "no_crop", "no_size", "none")
+COLOURS = ("red", "green", "blue", "yellow")
+SHAPES = ("circle", "square", "triangle")
+PROMPTS = tuple(f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES)
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """Everything the study's numbers depend on (written into results.json and the report)."""
+
+    num_samples: int = 8192  # training images
+    min_side: int = 24  # their long side, log-uniform in [min_side, max_side] px
+    max_side: int = 256
+    resolution: int = 64  # square random crops (experiment=conditioning_study)
+    vae_steps: int = 1200
+    vae_lr: float = 1.0e-3
+    variants: tuple[str, ...] = ("full", "no_size", "none")  # 3 of the 2 x 2 (no_crop: --variants, +~12 min)
+    train_steps: int = 2000  # per diffusion model
+    lr: float = 1.0e-3
+    batch_size: int = 16
+    seed: int = 0
+    seeds_per_prompt: int = 4  # samples per condition = 12 prompts x this
+    sampler_steps: int = 20  # DPM++ 2M
+    guidance_scale: float = 5.0
+    reference_size: int = 128  # original_size (square) used for the crop conditions
+    # original_size_as_tuple (square) sweep: up to `resolution` training images of that size were upscaled
+    # (the verdict's range); above it every one was downscaled, so no further rise is expected
+    sizes: tuple[int, ...] = (24, 32, 48, 64, 128, 256)
+    crops: tuple[tuple[int, int], ...] = ((0, 0), (0, 16), (16, 0))  # crop_coords_top_left sweep
+    threads: int = 2
+
+
+QUICK = StudySettings(num_samples=64, vae_steps=3, variants=("full", "none"), train_steps=3, batch_size=4,
+                      seeds_per_prompt=1, sampler_steps=2, sizes=(32, 64, 256), crops=((0, 0), (0, 16)))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One sampling condition: a model variant and the micro-conditioning values it is sampled with."""
+
+    variant: str
+    original_size: int  # square original_size_as_tuple
+    crop: tuple[int, int]  # crop_coords_top_left
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant} size={self.original_size} crop={self.crop[0]},{self.crop[1]}"
+
+
+def conditions(settings: StudySettings) -> list[Condition]:
+    """Every (variant, size, crop) the report's tables need, once each. A model without size (crop)
+    conditioning cannot be told those values, so it is sampled at the reference size (crop (0, 0))."""
+    ref, origin = settings.reference_size, (0, 0)
+    wanted = [Condition("full", ref, crop) for crop in settings.crops]
+    wanted += [Condition("no_size", ref, crop) for crop in settings.crops[:2]]
+    wanted += [Condition(variant, size, origin) for variant in ("full", "no_crop") for size in settings.sizes]
+    wanted += [Condition(variant, ref, origin) for variant in ("no_crop", "none")]
+    return [c for c in dict.fromkeys(wanted) if c.variant in settings.variants]
+
+
+def build_data(out: Path, settings: StudySettings) -> None:
+    """The shapes shards under out/data (kept when built with the same settings)."""
+    stamp = out / "data" / "_study_data.json"
+    wanted = {k: getattr(settings, k) for k in ("num_samples", "seed", "min_side", "max_side")}
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        return
+    sys.path.insert(0, str(REPO))  # data/ is a folder of scripts next to the package
+    from data.build_shapes_dataset import build_shapes_dataset
+
+    build_shapes_dataset(out / "data", settings.num_samples, settings.seed, samples_per_shard=256,
+                         min_side=settings.min_side, max_side=settings.max_side)  # fmt: skip
+    stamp.write_text(json.dumps(wanted))
+
+
+def common_overrides(out: Path, settings: StudySettings) -> list[str]:
+    """train.py overrides every variant shares (the VAE's are added once it exists)."""
+    return [
+        f"data.shards={out / 'data'}/*.tar",
+        f"data.square_size={settings.resolution}",
+        f"data.batch_size={settings.batch_size}",
+        f"module.lr={settings.lr}",
+        f"seed={settings.seed}",
+        f"threads={settings.threads}",
+        f"samples.height={settings.resolution}",
+        f"samples.width={settings.resolution}",
+    ]
+
+
+def train_study_vae(out: Path, settings: StudySettings) -> dict[str, Any]:
+    """The study VAE (out/vae/study_vae.safetensors) and its record; reused when trained with these settings."""
+    path = out / "vae" / "study_vae.safetensors"
+    record_path = path.with_name(f"{path.stem}_training.json")
+    vae_settings = VAETrainingSettings(steps=settings.vae_steps, lr=settings.vae_lr, seed=settings.seed,
+                                       log_every=max(1, settings.vae_steps // 12))  # fmt: skip
+    if path.is_file() and record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("settings") == asdict(vae_settings):
+            return {**record, "path": str(path)}
+    cfg = compose_run_config(["experiment=conditioning_study", *common_overrides(out, settings)])
+    record = train_vae(cfg, path, vae_settings)
+    return {**record, "path": str(path)}
+
+
+def train_variant(out: Path, variant: str, settings: StudySettings, vae: dict[str, Any]) -> dict[str, Any]:
+    """Train one variant with `python train.py experiment=conditioning_study/<variant>` (resumes if stopped)."""
+    run_dir = out / "runs" / variant
+    outputs = run_dir / "outputs.json"
+    if outputs.is_file() and json.loads(outputs.read_text()).get("global_step") == str(settings.train_steps):
+        return json.loads(outputs.read_text())
+    command = [
+        sys.executable, str(REPO / "train.py"), f"experiment=conditioning_study/{variant}", f"run_dir={run_dir}",
+        *common_overrides(out, settings), f"trainer.max_steps={settings.train_steps}",
+        f"checkpoint.every_n_train_steps={max(1, settings.train_steps // 3)}",
+        f"pretrained={vae['path']}", "pretrained_parts=[vae]", f"model.scale_factor={vae['scale_factor']!r}",
+    ]  # fmt: skip
+    print(f"[study] training {variant}: {' '.join(command[1:])}", flush=True)
+    log = run_dir / "train.log"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as stream:
+        finished = subprocess.run(command, cwd=REPO, stdout=stream, stderr=subprocess.STDOUT, check=False)
+    if finished.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-25:])
+        raise RuntimeError(f"training {variant} failed (exit {finished.returncode}); end of {log}:\n{tail}")
+    return json.loads(outputs.read_text())
+
+
+def sample_condition(model: Any, condition: Condition, settings: StudySettings) -> tuple[np.ndarray, list[str]]:
+    """uint8 samples [N, H, W, 3] for every prompt x seed under the condition, and their prompts."""
+    prompts = [p for p in PROMPTS for _ in range(settings.seeds_per_prompt)]
+    seeds = [settings.seed + 1000 * i + j for i in range(len(PROMPTS)) for j in range(settings.seeds_per_prompt)]
+    size = settings.resolution
+    latents = generate_latents(
+        model.model, prompts, size, size, negative_prompts=[""] * len(prompts), zero_uncond_text=False,
+        sampler=DPMPP2MSampler(num_steps=settings.sampler_steps), denoiser=model.denoiser,
+        guidance_scale=settings.guidance_scale, seed=seeds,
+        original_size=(condition.original_size, condition.original_size), crop_coords_top_left=condition.crop,
+        target_size=(size, size),
+    )  # fmt: skip
+    return latents_to_uint8(model.model, latents).numpy(), prompts
+
+
+def evaluate(out: Path, settings: StudySettings, runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Sample and score every condition; the samples are kept as out/samples/<label>.npz."""
+    results, loaded = [], {}
+    sample_dir = out / "samples"
+    sample_dir.mkdir(parents=True, exist_ok=True)
+    for condition in conditions(settings):
+        if condition.variant not in loaded:
+            checkpoint = newest_checkpoint(Path(runs[condition.variant]["run_dir"]) / "checkpoints")
+            loaded[condition.variant] = load_sampling_model(checkpoint)  # EMA weights
+        started = time.time()
+        images, prompts = sample_condition(loaded[condition.variant], condition, settings)
+        scores = score_samples(list(images), prompts)
+        name = condition.label.replace(" ", "_").replace("=", "").replace(",", "-")
+        np.savez_compressed(sample_dir / f"{name}.npz", images=images, prompts=np.asarray(prompts))
+        results.append({**asdict(condition), "label": condition.label, "samples_file": f"samples/{name}.npz",
+                        "seconds": round(time.time() - started, 1), **scores})  # fmt: skip
+        print(f"[study] {condition.label}: border cut {scores['border_cut_fraction']:.2f}, sharpness "
+              f"{scores['mean_sharpness'] or float('nan'):.3f}, colour {scores['colour_accuracy']:.2f}", flush=True)  # fmt: skip
+    return results
+
+
+def run_study(out: str | Path, settings: StudySettings, command: str = "python -m sgm.eval.conditioning_study"
+              ) -> dict[str, Any]:  # fmt: skip
+    """Run every step (skipping finished ones) and write the report; returns results.json's content."""
+    out = Path(out).absolute()
+    torch.set_num_threads(settings.threads)
+    timings: dict[str, float] = {}
+    started = time.time()
+    build_data(out, settings)
+    timings["data"] = round(time.time() - started, 1)
+    vae = train_study_vae(out, settings)
+    timings["vae"] = round(time.time() - started - sum(timings.values()), 1)
+    runs = {}
+    for variant in settings.variants:
+        runs[variant] = train_variant(out, variant, settings, vae)
+        timings[f"train_{variant}"] = round(time.time() - started - sum(timings.values()), 1)
+    results = evaluate(out, settings, runs)
+    timings["sampling_and_scoring"] = round(time.time() - started - sum(timings.values()), 1)
+    record = {
+        "command": command,
+        "settings": asdict(settings),
+        "vae": {k: vae[k] for k in ("path", "scale_factor", "steps", "curve", "seconds")},
+        "runs": runs,
+        "prompts": list(PROMPTS),
+        "conditions": [{k: v for k, v in r.items() if k != "samples"} for r in results],
+        "per_sample": {r["label"]: r["samples"] for r in results},
+        "timings_seconds": timings,
+    }
+    write_report(out, record, {r["label"]: np.load(out / r["samples_file"])["images"] for r in results})
+    return record
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Path, StudySettings]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("outputs/conditioning_study"))
+    parser.add_argument("--quick", action="store_true", help="a few steps of everything: checks the pipeline")
+    numbers = ("train_steps", "vae_steps", "seeds_per_prompt", "sampler_steps", "num_samples", "seed", "threads")
+    for name in numbers:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
+    parser.add_argument("--variants", nargs="+", choices=ALL_VARIANTS, default=None)
+    args = parser.parse_args(argv)
+    settings = QUICK if args.quick else StudySettings()
+    changes = {n: getattr(args, n) for n in numbers if getattr(args, n) is not None}
+    if args.variants:
+        changes["variants"] = tuple(args.variants)
+    return args.out, replace(settings, **changes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    out, settings = parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    record = run_study(out, settings, " ".join(["python -m sgm.eval.conditioning_study", *arguments]))
+    print(f"[study] report: {Path(out) / 'report.md'} (took {sum(record['timings_seconds'].values()) / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

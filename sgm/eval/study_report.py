@@ -1,0 +1,219 @@
+"""The conditioning study's outputs: verdicts from its numbers, report.md, samples.png and results.json.
+
+Verdicts compare the measured numbers exactly as the acceptance states them (no thresholds tuned to
+the outcome); each also carries the counts and a one-sided two-proportion z-test or the standard
+errors, so a reader can tell a clear effect from noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+LABEL_WIDTH = 300
+COLOUR_TARGET = 0.9
+# (model with crop conditioning, the same model without it, what the pair isolates)
+CROP_COMPARISONS = (
+    ("no_size", "none", "crop conditioning alone"),
+    ("full", "no_crop", "crop conditioning on top of size conditioning"),
+    ("full", "none", "size and crop conditioning"),
+)
+
+
+def find(conditions: Sequence[Mapping[str, Any]], variant: str, size: int, crop: Sequence[int]) -> Mapping | None:
+    """The scored condition with these values, if the study sampled it."""
+    for condition in conditions:
+        if condition["variant"] == variant and condition["original_size"] == size and list(condition["crop"]) == list(crop):
+            return condition
+    return None
+
+
+def one_sided_p(cut_a: int, n_a: int, cut_b: int, n_b: int) -> float:
+    """P-value of "a's proportion is lower than b's" (pooled two-proportion z-test, normal approximation)."""
+    pooled = (cut_a + cut_b) / (n_a + n_b)
+    spread = math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
+    if spread == 0:
+        return 1.0
+    z = (cut_b / n_b - cut_a / n_a) / spread
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def sharpness_stats(condition: Mapping[str, Any]) -> tuple[float | None, float | None, int]:
+    """Mean edge sharpness, its standard error and the number of samples it is over."""
+    values = [s["sharpness"] for s in condition["samples"] if s["object_found"] and math.isfinite(s["sharpness"])]
+    if not values:
+        return None, None, 0
+    spread = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
+    return float(np.mean(values)), spread, len(values)
+
+
+def side_cut_fraction(condition: Mapping[str, Any], side: str) -> float:
+    """Share of the condition's samples whose object the frame cuts on `side`."""
+    samples = condition["samples"]
+    return sum(side in s["cut_sides"] for s in samples) / len(samples)
+
+
+def crop_verdicts(conditions: Sequence[Mapping[str, Any]], ref: int, crops: Sequence[Sequence[int]]) -> list[dict]:
+    """Border cut at crop (0, 0) with crop conditioning vs the model trained without it; framing shifts."""
+    verdicts = []
+    for variant, baseline_variant, what in CROP_COMPARISONS:
+        ours, baseline = find(conditions, variant, ref, (0, 0)), find(conditions, baseline_variant, ref, (0, 0))
+        if ours is None or baseline is None:
+            continue
+        n_a, n_b = ours["count"], baseline["count"]
+        cut_a, cut_b = round(ours["border_cut_fraction"] * n_a), round(baseline["border_cut_fraction"] * n_b)
+        verdicts.append({
+            "effect": f"{what}: fewer objects cut at crop (0,0) ({variant} vs {baseline_variant})",
+            "shown": cut_a / n_a < cut_b / n_b,
+            "numbers": f"{cut_a}/{n_a} = {cut_a / n_a:.1%} vs {cut_b}/{n_b} = {cut_b / n_b:.1%} "
+                       f"(one-sided p = {one_sided_p(cut_a, n_a, cut_b, n_b):.2g})",
+        })  # fmt: skip
+    origin = find(conditions, "full", ref, (0, 0))
+    for crop in crops:
+        shifted = find(conditions, "full", ref, crop)
+        if origin is None or shifted is None or tuple(crop) == (0, 0):
+            continue
+        sides = [side for side, value in (("top", crop[0]), ("left", crop[1])) if value > 0]
+        before = [side_cut_fraction(origin, side) for side in sides]
+        after = [side_cut_fraction(shifted, side) for side in sides]
+        verdicts.append({
+            "effect": f"crop ({crop[0]},{crop[1]}) shifts the framing: more objects cut at the {' and '.join(sides)}",
+            "shown": all(a > b for a, b in zip(after, before)),
+            "numbers": ", ".join(f"{side}: {b:.1%} at (0,0) -> {a:.1%}" for side, b, a in zip(sides, before, after)),
+        })  # fmt: skip
+    return verdicts
+
+
+def size_verdicts(conditions: Sequence[Mapping[str, Any]], sizes: Sequence[int], resolution: int) -> list[dict]:
+    """Sharpness rising with the size condition, for each model that has size conditioning.
+
+    The verdict is over the sizes up to the training resolution: training images that small were
+    upscaled, by more the smaller they were; larger ones were all downscaled (sharp), so above the
+    resolution no further rise is expected and those sizes are listed but not judged."""
+    verdicts = []
+    for variant in ("full", "no_crop"):
+        stats = [(size, *sharpness_stats(c)) for size in sizes if (c := find(conditions, variant, size, (0, 0)))]
+        judged = [mean for size, mean, _, _ in stats if size <= resolution]
+        if len(judged) < 2 or any(m is None for m in judged):
+            continue
+        rising = all(b > a for a, b in pairwise(judged))
+        verdicts.append({
+            "effect": f"sharpness rises monotonically with the size condition up to {resolution} px ({variant})",
+            "shown": rising,
+            "numbers": ", ".join(f"{size}: {mean:.3f} ± {se or 0:.3f}" + (" (not judged)" if size > resolution else "")
+                                 for size, mean, se, _ in stats if mean is not None),
+        })  # fmt: skip
+    return verdicts
+
+
+def colour_verdicts(conditions: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Colour named in the prompt, over every sample of each variant."""
+    verdicts = []
+    for variant in dict.fromkeys(c["variant"] for c in conditions):
+        own = [c for c in conditions if c["variant"] == variant]
+        total = sum(c["count"] for c in own)
+        if not total:
+            continue
+        right = sum(round(c["colour_accuracy"] * c["count"]) for c in own)
+        shapes = sum(round((c["shape_accuracy"] or 0) * c["count"]) for c in own)
+        verdicts.append({
+            "effect": f"prompt adherence on colour >= {COLOUR_TARGET:.0%} ({variant}, all its samples)",
+            "shown": right / total >= COLOUR_TARGET,
+            "numbers": f"colour {right}/{total} = {right / total:.1%}; shape {shapes}/{total} = {shapes / total:.1%}",
+        })  # fmt: skip
+    return verdicts
+
+
+def all_verdicts(record: Mapping[str, Any]) -> list[dict]:
+    settings, conditions = record["settings"], record["conditions_with_samples"]
+    return [*crop_verdicts(conditions, settings["reference_size"], settings["crops"]),
+            *size_verdicts(conditions, settings["sizes"], settings["resolution"]), *colour_verdicts(conditions)]  # fmt: skip
+
+
+def sample_figure(images: Mapping[str, np.ndarray], seeds_per_prompt: int) -> Image.Image:
+    """One row per condition: its label, then the first seed's sample of every prompt."""
+    rows = []
+    for label, stack in images.items():
+        picks = stack[::seeds_per_prompt]
+        height, width = picks.shape[1:3]
+        row = Image.new("RGB", (LABEL_WIDTH + width * len(picks), height), "white")
+        ImageDraw.Draw(row).text((6, height // 2 - 6), label, fill="black")
+        for index, image in enumerate(picks):
+            row.paste(Image.fromarray(image), (LABEL_WIDTH + index * width, 0))
+        rows.append(row)
+    figure = Image.new("RGB", (max(r.width for r in rows), sum(r.height + 2 for r in rows)), "white")
+    top = 0
+    for row in rows:
+        figure.paste(row, (0, top))
+        top += row.height + 2
+    return figure
+
+
+def _table(conditions: Sequence[Mapping[str, Any]]) -> list[str]:
+    lines = ["| condition | samples | no object | border cut | cut top / left | edge sharpness (± s.e.) | colour | shape |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for c in conditions:
+        mean, se, _ = sharpness_stats(c)
+        sharp = f"{mean:.3f} ± {se or 0:.3f}" if mean is not None else "n/a"
+        lines.append(
+            f"| {c['label']} | {c['count']} | {c['no_object']} | {c['border_cut_fraction']:.1%} | "
+            f"{side_cut_fraction(c, 'top'):.1%} / {side_cut_fraction(c, 'left'):.1%} | {sharp} | "
+            f"{c['colour_accuracy']:.1%} | {(c['shape_accuracy'] or 0):.1%} |"
+        )
+    return lines
+
+
+def markdown(record: Mapping[str, Any], verdicts: Sequence[Mapping[str, Any]]) -> str:
+    s, vae = record["settings"], record["vae"]
+    runs = record["runs"]
+    lines = [
+        "# SDXL micro-conditioning study (miniature)", "",
+        f"Command: `{record['command']}`  ", (f"Total time: {sum(record['timings_seconds'].values()) / 60:.1f} min "
+        f"({', '.join(f'{k} {v:.0f} s' for k, v in record['timings_seconds'].items())})"), "",
+        "## Verdicts", "",
+        *[f"- **{'shown' if v['shown'] else 'NOT shown'}**: {v['effect']}: {v['numbers']}" for v in verdicts], "",
+        "## Setup", "",
+        (f"- Data: {s['num_samples']} synthetic images (data/build_shapes_dataset.py, seed {s['seed']}): one circle, "
+        f"square or triangle in red, green, blue or yellow on light grey; long side {s['min_side']}-{s['max_side']} px "
+        "(log-uniform), nine aspect "
+        f"ratios; trained as {s['resolution']}x{s['resolution']} random square crops (small images upscaled)."),
+        (f"- VAE (f=4, trained first: no released VAE fits a model this small): sgm.training.vae_training, "
+        f"{vae['steps']} steps at lr {s['vae_lr']} ({vae['seconds']:.0f} s when it was trained), final L1 per "
+        f"pixel {vae['curve'][-1]['l1_per_pixel']:.4f} (images in [-1, 1]), latent scale factor {vae['scale_factor']:.5f}."),
+        f"- Diffusion models: `python train.py experiment=conditioning_study/<variant>`, {s['train_steps']} steps "
+        f"at batch {s['batch_size']}, seed {s['seed']}, EMA weights sampled: "
+        + ", ".join(f"{v} (median {r.get('images_per_second_median', '?')} img/s)" for v, r in runs.items()) + ".",
+        (f"- Sampling: DPM++ 2M, {s['sampler_steps']} steps, guidance {s['guidance_scale']} against the empty "
+        f"caption, {len(record['prompts'])} prompts x {s['seeds_per_prompt']} seeds (seed = "
+        f"{s['seed']} + 1000 x prompt index + seed index) per condition; crop conditions at original size "
+        f"{s['reference_size']}x{s['reference_size']}; size conditions at crop (0, 0); target size "
+        f"{s['resolution']}x{s['resolution']}."),
+        ("- Measures (sgm/eval/conditioning_metrics.py): border cut = the object's mask reaches the outermost "
+        "row or column; edge sharpness = median edge slope / contrast (about 1 / edge width in px); colour "
+        "and shape = nearest named colour / shape prototype vs the prompt. A sample with no object counts as "
+        "wrong colour and shape and as not cut."),
+        "", "## Samples", "", "![samples](samples.png)", "",
+        "One row per condition, the first seed of each prompt (prompts in the order of `prompts` in results.json).",
+        "", "## All conditions", "", *_table(record["conditions"]), "",
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, record: dict[str, Any], images: Mapping[str, np.ndarray]) -> dict[str, Path]:
+    """Write results.json, samples.png and report.md under `out`; returns their paths."""
+    conditions = [{**c, "samples": record["per_sample"][c["label"]]} for c in record["conditions"]]
+    verdicts = all_verdicts({**record, "conditions_with_samples": conditions})
+    record["conditions"] = [{**c, "samples": None} for c in conditions]
+    record["verdicts"] = verdicts
+    paths = {"json": out / "results.json", "figure": out / "samples.png", "report": out / "report.md"}
+    sample_figure(images, record["settings"]["seeds_per_prompt"]).save(paths["figure"])
+    paths["report"].write_text(markdown({**record, "conditions": conditions}, verdicts))
+    paths["json"].write_text(json.dumps(record, indent=1, default=str))
+    return paths

@@ -1,0 +1,152 @@
+"""The conditioning study end to end in its quick form (the pipeline, not the effect sizes), its VAE
+trainer, and the report's verdict logic on numbers made up to be clear-cut."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from safetensors import safe_open
+
+from sgm.checkpoint.io import read_metadata
+from sgm.eval import conditioning_study as study
+from sgm.eval import study_report as report
+from sgm.models.autoencoder import AutoencoderKL
+from sgm.training.vae_training import latent_scale_factor, random_patch, vae_loss
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("study")
+    assert study.main(["--quick", "--out", str(out)]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_quick_study_runs_every_step_through_the_normal_paths(quick):
+    out, record = quick
+    settings = study.QUICK
+    # the data: real shards of the generator, as many as asked for
+    assert json.loads((out / "data" / "_build_summary.json").read_text())["written"] == settings.num_samples
+    # the VAE: an official-layout file with VAE tensors only and its latent scale factor
+    vae_path = Path(record["vae"]["path"])
+    with safe_open(str(vae_path), framework="pt") as handle:
+        keys = list(handle.keys())
+    assert keys and all(k.startswith("first_stage_model.") for k in keys)
+    assert float(read_metadata(vae_path)["sgm.scale_factor"]) == pytest.approx(record["vae"]["scale_factor"])
+    # three train.py runs, each with its own conditioning, the study VAE and the step count asked for
+    expected_keys = {
+        "full": {"original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple"},
+        "no_crop": {"original_size_as_tuple", "target_size_as_tuple"},
+        "no_size": {"crop_coords_top_left", "target_size_as_tuple"},
+        "none": {"target_size_as_tuple"},
+    }
+    for variant in settings.variants:
+        run = record["runs"][variant]
+        assert run["global_step"] == str(settings.train_steps)
+        config = OmegaConf.load(Path(run["run_dir"]) / "config.yaml")
+        keys = {e.input_key for e in config.model.conditioner.embedders} - {"txt"}
+        assert keys == expected_keys[variant]
+        assert config.pretrained == str(vae_path) and list(config.pretrained_parts) == ["vae"]
+        assert config.model.scale_factor == pytest.approx(record["vae"]["scale_factor"])
+        assert config.data.crop == "random" and config.data.square_size == settings.resolution
+    # every condition scored on 12 prompts x seeds, each sample's analysis kept
+    labels = [c["label"] for c in record["conditions"]]
+    assert labels == [c.label for c in study.conditions(settings)] and len(set(labels)) == len(labels)
+    for condition in record["conditions"]:
+        assert condition["count"] == len(study.PROMPTS) * settings.seeds_per_prompt
+        assert len(record["per_sample"][condition["label"]]) == condition["count"]
+        images = np.load(out / condition["samples_file"])["images"]
+        assert images.shape == (condition["count"], settings.resolution, settings.resolution, 3)
+    # the verdicts cover the three effects; the report lists them and every condition; the figure has a row each
+    effects = " ".join(v["effect"] for v in record["verdicts"])
+    assert "(full vs none)" in effects and "size condition up to 64 px (full)" in effects
+    assert "colour" in effects
+    text = (out / "report.md").read_text()
+    assert "## Verdicts" in text and all(f"| {label} |" in text for label in labels)
+    assert f"{settings.train_steps} steps" in text and "seed 0" in text
+    with Image.open(out / "samples.png") as figure:
+        assert figure.size == (report.LABEL_WIDTH + len(study.PROMPTS) * settings.resolution,
+                               len(labels) * (settings.resolution + 2))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_rerun_reuses_finished_steps(quick):
+    out, record = quick
+    log = Path(record["runs"]["full"]["run_dir"]) / "train.log"
+    before = log.read_text()
+    vae = study.train_study_vae(out, study.QUICK)
+    assert vae["path"] == record["vae"]["path"] and vae["scale_factor"] == record["vae"]["scale_factor"]
+    assert study.train_variant(out, "full", study.QUICK, vae)["global_step"] == str(study.QUICK.train_steps)
+    assert log.read_text() == before  # no second train.py run
+
+
+def test_vae_objective_falls_and_the_scale_factor_whitens_latents():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_num_groups=4)
+    images = torch.zeros(4, 3, 32, 32)
+    images[:, 0, 8:24, 8:24] = 1.0  # a red square
+    optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(0)
+    first = None
+    for _ in range(30):
+        losses = vae_loss(vae, images, kl_weight=1e-6, generator=generator)
+        first = first if first is not None else float(losses["l1_per_pixel"])
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+    assert float(losses["l1_per_pixel"]) < 0.5 * first
+    scale = latent_scale_factor(vae, [images], generator)
+    with torch.no_grad():
+        latents = vae.encode(images).sample(generator) * scale
+    assert float(latents.std()) == pytest.approx(1.0, rel=0.25)
+
+
+def test_random_patch_is_a_window_of_the_batch():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    patch = random_patch(images, 4, torch.Generator().manual_seed(1))
+    assert patch.shape == (2, 3, 4, 4)
+    top, left = divmod(int(patch[0, 0, 0, 0]), 8)
+    assert torch.equal(patch, images[..., top : top + 4, left : left + 4])
+    assert random_patch(images, 0, torch.Generator()) is images
+
+
+def _condition(variant: str, size: int, crop: tuple[int, int], cut: list[list[str]], sharp: list[float],
+               colours_right: int) -> dict:  # fmt: skip
+    samples = [{"object_found": True, "touches_border": bool(sides), "cut_sides": sides, "sharpness": s}
+               for sides, s in zip(cut, sharp)]  # fmt: skip
+    count = len(samples)
+    return {"variant": variant, "original_size": size, "crop": list(crop), "label": f"{variant} {size} {crop}",
+            "count": count, "no_object": 0, "border_cut_fraction": sum(bool(c) for c in cut) / count,
+            "colour_accuracy": colours_right / count, "shape_accuracy": 1.0, "samples": samples}  # fmt: skip
+
+
+def test_verdicts_follow_the_numbers():
+    n = 40
+    whole, cut_left = [[]] * n, [["left"]] * n
+    conditions = [
+        _condition("full", 256, (0, 0), [["top"]] * 4 + whole[4:], [0.5] * n, n),
+        _condition("full", 256, (0, 32), cut_left[:20] + whole[20:], [0.5] * n, n),
+        _condition("no_crop", 256, (0, 0), [["right"]] * 20 + whole[20:], [0.5] * n, 20),
+        _condition("no_size", 256, (0, 0), [["top"]] * 10 + whole[10:], [0.5] * n, n),
+        _condition("none", 256, (0, 0), [["top"]] * 8 + whole[8:], [0.5] * n, n),
+        _condition("full", 32, (0, 0), whole, [0.2] * n, n),
+        _condition("full", 128, (0, 0), whole, [0.4] * n, n),
+        _condition("no_crop", 32, (0, 0), whole, [0.3] * n, n),
+        _condition("no_crop", 128, (0, 0), whole, [0.3] * n, n),
+    ]
+    crop = report.crop_verdicts(conditions, 256, [(0, 0), (0, 32)])
+    assert [v["shown"] for v in crop] == [False, True, True, True]  # no_size 10 cut vs none 8: not shown
+    assert "4/40 = 10.0% vs 20/40 = 50.0%" in crop[1]["numbers"] and "left: 0.0% at (0,0) -> 50.0%" in crop[3]["numbers"]
+    assert report.one_sided_p(4, 40, 20, 40) < 1e-3
+    assert report.one_sided_p(20, 40, 20, 40) == 0.5
+    size = report.size_verdicts(conditions, [32, 128, 256, 512], resolution=256)
+    assert [(v["effect"].split("(")[-1], v["shown"]) for v in size] == [("full)", True), ("no_crop)", False)]
+    colour = report.colour_verdicts(conditions)
+    assert [v["shown"] for v in colour] == [True, False, True, True]  # no_crop: 20 + 40 + 40 of 120 = 83%
+    assert "100/120 = 83.3%" in colour[1]["numbers"]

@@ -84,6 +84,10 @@ def test_a_rerun_reuses_finished_steps(quick):
     assert vae["path"] == record["vae"]["path"] and vae["scale_factor"] == record["vae"]["scale_factor"]
     assert study.train_variant(out, "full", study.QUICK, vae)["global_step"] == str(study.QUICK.train_steps)
     assert log.read_text() == before  # no second train.py run
+    report_text = (out / "report.md").read_text()
+    (out / "report.md").unlink()
+    assert study.main(["--report-only", "--out", str(out)]) == 0
+    assert (out / "report.md").read_text() == report_text
 
 
 def test_vae_objective_falls_and_the_scale_factor_whitens_latents():
@@ -141,12 +145,32 @@ def test_verdicts_follow_the_numbers():
         _condition("no_crop", 128, (0, 0), whole, [0.3] * n, n),
     ]
     crop = report.crop_verdicts(conditions, 256, [(0, 0), (0, 32)])
-    assert [v["shown"] for v in crop] == [False, True, True, True]  # no_size 10 cut vs none 8: not shown
-    assert "4/40 = 10.0% vs 20/40 = 50.0%" in crop[1]["numbers"] and "left: 0.0% at (0,0) -> 50.0%" in crop[3]["numbers"]
+    assert [v["status"] for v in crop] == [
+        "NOT shown",  # no_size cuts 10 of 40, none 8
+        "shown",  # full 4 vs no_crop 20: p < 0.001
+        "direction only (p >= 0.05: within noise)",  # full 4 vs none 8: p = 0.1
+        "shown",  # left cuts 0 -> 20 of 40
+    ]
+    assert (
+        "4/40 = 10.0% vs 20/40 = 50.0%" in crop[1]["numbers"] and "left: 0.0% at (0,0) -> 50.0%" in crop[3]["numbers"]
+    )
     assert report.one_sided_p(4, 40, 20, 40) < 1e-3
     assert report.one_sided_p(20, 40, 20, 40) == 0.5
     size = report.size_verdicts(conditions, [32, 128, 256, 512], resolution=256)
-    assert [(v["effect"].split("(")[-1], v["shown"]) for v in size] == [("full)", True), ("no_crop)", False)]
+    assert [(v["effect"].split("(")[-1], v["status"]) for v in size] == [("full)", "shown"), ("no_crop)", "NOT shown")]
     colour = report.colour_verdicts(conditions)
-    assert [v["shown"] for v in colour] == [True, False, True, True]  # no_crop: 20 + 40 + 40 of 120 = 83%
+    assert [v["status"] for v in colour] == ["shown", "NOT shown", "shown", "shown"]  # no_crop: 20 + 40 + 40 of 120
     assert "100/120 = 83.3%" in colour[1]["numbers"]
+
+
+def test_paired_sharpness_rise_needs_more_than_noise():
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.4, 0.05, 48)
+
+    def condition(values):
+        return {"samples": [{"object_found": True, "sharpness": float(v)} for v in values]}
+
+    _, p_noise = report.paired_rise_p(condition(base), condition(base + rng.normal(0.0, 0.01, 48)))
+    rise, p_real = report.paired_rise_p(condition(base), condition(base + 0.02 + rng.normal(0.0, 0.01, 48)))
+    assert p_noise > 0.05
+    assert p_real < 1e-6 and rise == pytest.approx(0.02, abs=0.005)

@@ -102,8 +102,8 @@ def check_train_config(relative: str, tmp_path: Path) -> None:
 
     parts = Path(relative).with_suffix("").parts
     overrides = [f"{parts[0]}={'/'.join(parts[1:])}"] if len(parts) >= 2 else []
-    if len(parts) == 3 and parts[0] == "experiment":  # a preset's per-stage file (experiment/NAME/<stage>.yaml)
-        overrides.append(f"stage={parts[2]}")
+    if len(parts) == 3 and parts[0] == "experiment" and (REPO / "configs" / "stage" / f"{parts[2]}.yaml").is_file():
+        overrides.append(f"stage={parts[2]}")  # a preset's per-stage file (experiment/NAME/<stage>.yaml)
     shards = make_shards(tmp_path / "shards", num_samples=8, num_emoji=2, samples_per_shard=8)
     common = [f"data.shards={shards}/*.tar", "data.num_workers=0", f"run_dir={tmp_path / 'run'}"]
     cfg = compose_train(overrides + common)

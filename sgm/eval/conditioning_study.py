@@ -2,6 +2,7 @@
 
     python -m sgm.eval.conditioning_study                  # the full study (under an hour on 2 cores)
     python -m sgm.eval.conditioning_study --quick --out /tmp/study   # the pipeline end to end in minutes
+    python -m sgm.eval.conditioning_study --report-only          # rewrite report.md from results.json + samples
 
 Steps (each skipped when its output is already there, so a rerun continues where it stopped):
 1. the synthetic shapes data (data/build_shapes_dataset.py): ground-truth objects saved at many sizes;
@@ -231,10 +232,24 @@ def run_study(out: str | Path, settings: StudySettings, command: str = "python -
     return record
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[Path, StudySettings]:
+def rewrite_report(out: str | Path) -> dict[str, Any]:
+    """Write report.md, samples.png and results.json again from a finished study's results and samples."""
+    out = Path(out)
+    record = json.loads((out / "results.json").read_text())
+    record.pop("verdicts", None)
+    vae_path = Path(record["vae"]["path"])
+    vae_record = json.loads(vae_path.with_name(f"{vae_path.stem}_training.json").read_text())
+    record["vae"].setdefault("seconds", vae_record["seconds"])  # results written before it was recorded
+    images = {c["label"]: np.load(out / c["samples_file"])["images"] for c in record["conditions"]}
+    write_report(out, record, images)
+    return record
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Path, StudySettings, bool]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("outputs/conditioning_study"))
     parser.add_argument("--quick", action="store_true", help="a few steps of everything: checks the pipeline")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report of a finished study in --out")
     numbers = ("train_steps", "vae_steps", "seeds_per_prompt", "sampler_steps", "num_samples", "seed", "threads")
     for name in numbers:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
@@ -244,11 +259,15 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Path, StudySettings]:
     changes = {n: getattr(args, n) for n in numbers if getattr(args, n) is not None}
     if args.variants:
         changes["variants"] = tuple(args.variants)
-    return args.out, replace(settings, **changes)
+    return args.out, replace(settings, **changes), args.report_only
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    out, settings = parse_args(argv)
+    out, settings, report_only = parse_args(argv)
+    if report_only:
+        rewrite_report(out)
+        print(f"[study] report: {Path(out) / 'report.md'}")
+        return 0
     arguments = list(sys.argv[1:] if argv is None else argv)
     record = run_study(out, settings, " ".join(["python -m sgm.eval.conditioning_study", *arguments]))
     print(f"[study] report: {Path(out) / 'report.md'} (took {sum(record['timings_seconds'].values()) / 60:.1f} min)")

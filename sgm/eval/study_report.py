@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 
 LABEL_WIDTH = 300
 COLOUR_TARGET = 0.9
+ALPHA = 0.05  # an effect in the right direction counts as shown only at p < ALPHA (else "direction only")
 # (model with crop conditioning, the same model without it, what the pair isolates)
 CROP_COMPARISONS = (
     ("no_size", "none", "crop conditioning alone"),
@@ -30,7 +31,11 @@ CROP_COMPARISONS = (
 def find(conditions: Sequence[Mapping[str, Any]], variant: str, size: int, crop: Sequence[int]) -> Mapping | None:
     """The scored condition with these values, if the study sampled it."""
     for condition in conditions:
-        if condition["variant"] == variant and condition["original_size"] == size and list(condition["crop"]) == list(crop):
+        if (
+            condition["variant"] == variant
+            and condition["original_size"] == size
+            and list(condition["crop"]) == list(crop)
+        ):
             return condition
     return None
 
@@ -43,6 +48,28 @@ def one_sided_p(cut_a: int, n_a: int, cut_b: int, n_b: int) -> float:
         return 1.0
     z = (cut_b / n_b - cut_a / n_a) / spread
     return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def status(direction: bool, p: float) -> str:
+    """The verdict's word: the effect's direction and whether it is more than noise."""
+    if not direction:
+        return "NOT shown"
+    return "shown" if p < ALPHA else f"direction only (p >= {ALPHA}: within noise)"
+
+
+def paired_rise_p(lower: Mapping[str, Any], higher: Mapping[str, Any]) -> tuple[float, float]:
+    """Mean sharpness rise from `lower` to `higher` over samples with the same prompt and seed (the
+    conditions share them), and its one-sided p-value (normal approximation of the paired mean)."""
+    pairs = [(a["sharpness"], b["sharpness"]) for a, b in zip(lower["samples"], higher["samples"])
+             if a["object_found"] and b["object_found"] and math.isfinite(a["sharpness"]) and math.isfinite(b["sharpness"])]  # fmt: skip
+    if len(pairs) < 2:
+        return math.nan, 1.0
+    rises = np.asarray([b - a for a, b in pairs])
+    spread = float(rises.std(ddof=1) / math.sqrt(len(rises)))
+    mean = float(rises.mean())
+    if spread == 0:
+        return mean, 0.0 if mean > 0 else 1.0
+    return mean, 0.5 * math.erfc(mean / spread / math.sqrt(2))
 
 
 def sharpness_stats(condition: Mapping[str, Any]) -> tuple[float | None, float | None, int]:
@@ -69,11 +96,11 @@ def crop_verdicts(conditions: Sequence[Mapping[str, Any]], ref: int, crops: Sequ
             continue
         n_a, n_b = ours["count"], baseline["count"]
         cut_a, cut_b = round(ours["border_cut_fraction"] * n_a), round(baseline["border_cut_fraction"] * n_b)
+        p = one_sided_p(cut_a, n_a, cut_b, n_b)
         verdicts.append({
             "effect": f"{what}: fewer objects cut at crop (0,0) ({variant} vs {baseline_variant})",
-            "shown": cut_a / n_a < cut_b / n_b,
-            "numbers": f"{cut_a}/{n_a} = {cut_a / n_a:.1%} vs {cut_b}/{n_b} = {cut_b / n_b:.1%} "
-                       f"(one-sided p = {one_sided_p(cut_a, n_a, cut_b, n_b):.2g})",
+            "status": status(cut_a / n_a < cut_b / n_b, p),
+            "numbers": f"{cut_a}/{n_a} = {cut_a / n_a:.1%} vs {cut_b}/{n_b} = {cut_b / n_b:.1%} (one-sided p = {p:.2g})",
         })  # fmt: skip
     origin = find(conditions, "full", ref, (0, 0))
     for crop in crops:
@@ -83,10 +110,14 @@ def crop_verdicts(conditions: Sequence[Mapping[str, Any]], ref: int, crops: Sequ
         sides = [side for side, value in (("top", crop[0]), ("left", crop[1])) if value > 0]
         before = [side_cut_fraction(origin, side) for side in sides]
         after = [side_cut_fraction(shifted, side) for side in sides]
+        n_a, n_b = shifted["count"], origin["count"]
+        # p of "the shifted crop cuts MORE on this side": the two-proportion test with the roles swapped
+        ps = [one_sided_p(round(b * n_b), n_b, round(a * n_a), n_a) for b, a in zip(before, after)]
         verdicts.append({
             "effect": f"crop ({crop[0]},{crop[1]}) shifts the framing: more objects cut at the {' and '.join(sides)}",
-            "shown": all(a > b for a, b in zip(after, before)),
-            "numbers": ", ".join(f"{side}: {b:.1%} at (0,0) -> {a:.1%}" for side, b, a in zip(sides, before, after)),
+            "status": status(all(a > b for a, b in zip(after, before)), max(ps)),
+            "numbers": ", ".join(f"{side}: {b:.1%} at (0,0) -> {a:.1%} (one-sided p = {p:.2g})"
+                                 for side, b, a, p in zip(sides, before, after, ps)),
         })  # fmt: skip
     return verdicts
 
@@ -99,16 +130,18 @@ def size_verdicts(conditions: Sequence[Mapping[str, Any]], sizes: Sequence[int],
     resolution no further rise is expected and those sizes are listed but not judged."""
     verdicts = []
     for variant in ("full", "no_crop"):
-        stats = [(size, *sharpness_stats(c)) for size in sizes if (c := find(conditions, variant, size, (0, 0)))]
-        judged = [mean for size, mean, _, _ in stats if size <= resolution]
-        if len(judged) < 2 or any(m is None for m in judged):
+        found = [(size, c) for size in sizes if (c := find(conditions, variant, size, (0, 0)))]
+        stats = [(size, *sharpness_stats(c)) for size, c in found]
+        judged = [c for size, c in found if size <= resolution]
+        if len(judged) < 2 or any(sharpness_stats(c)[0] is None for c in judged):
             continue
-        rising = all(b > a for a, b in pairwise(judged))
+        steps = [paired_rise_p(a, b) for a, b in pairwise(judged)]
         verdicts.append({
             "effect": f"sharpness rises monotonically with the size condition up to {resolution} px ({variant})",
-            "shown": rising,
+            "status": status(all(rise > 0 for rise, _ in steps), max(p for _, p in steps)),
             "numbers": ", ".join(f"{size}: {mean:.3f} ± {se or 0:.3f}" + (" (not judged)" if size > resolution else "")
-                                 for size, mean, se, _ in stats if mean is not None),
+                                 for size, mean, se, _ in stats if mean is not None)
+            + "; paired rises " + ", ".join(f"{rise:+.3f} (p = {p:.2g})" for rise, p in steps),
         })  # fmt: skip
     return verdicts
 
@@ -125,16 +158,18 @@ def colour_verdicts(conditions: Sequence[Mapping[str, Any]]) -> list[dict]:
         shapes = sum(round((c["shape_accuracy"] or 0) * c["count"]) for c in own)
         verdicts.append({
             "effect": f"prompt adherence on colour >= {COLOUR_TARGET:.0%} ({variant}, all its samples)",
-            "shown": right / total >= COLOUR_TARGET,
+            "status": "shown" if right / total >= COLOUR_TARGET else "NOT shown",
             "numbers": f"colour {right}/{total} = {right / total:.1%}; shape {shapes}/{total} = {shapes / total:.1%}",
         })  # fmt: skip
     return verdicts
 
 
 def all_verdicts(record: Mapping[str, Any]) -> list[dict]:
+    """Every verdict, each {"effect", "status", "numbers", "shown"} ("shown": status == "shown")."""
     settings, conditions = record["settings"], record["conditions_with_samples"]
-    return [*crop_verdicts(conditions, settings["reference_size"], settings["crops"]),
+    verdicts = [*crop_verdicts(conditions, settings["reference_size"], settings["crops"]),
             *size_verdicts(conditions, settings["sizes"], settings["resolution"]), *colour_verdicts(conditions)]  # fmt: skip
+    return [{**v, "shown": v["status"] == "shown"} for v in verdicts]
 
 
 def sample_figure(images: Mapping[str, np.ndarray], seeds_per_prompt: int) -> Image.Image:
@@ -178,7 +213,8 @@ def markdown(record: Mapping[str, Any], verdicts: Sequence[Mapping[str, Any]]) -
         f"Command: `{record['command']}`  ", (f"Total time: {sum(record['timings_seconds'].values()) / 60:.1f} min "
         f"({', '.join(f'{k} {v:.0f} s' for k, v in record['timings_seconds'].items())})"), "",
         "## Verdicts", "",
-        *[f"- **{'shown' if v['shown'] else 'NOT shown'}**: {v['effect']}: {v['numbers']}" for v in verdicts], "",
+        f"An effect in the right direction counts as shown only at one-sided p < {ALPHA}.", "",
+        *[f"- **{v['status']}**: {v['effect']}: {v['numbers']}" for v in verdicts], "",
         "## Setup", "",
         (f"- Data: {s['num_samples']} synthetic images (data/build_shapes_dataset.py, seed {s['seed']}): one circle, "
         f"square or triangle in red, green, blue or yellow on light grey; long side {s['min_side']}-{s['max_side']} px "

@@ -9,7 +9,8 @@ the VAE trained here is exactly the one the diffusion run builds: the run then l
 Objective (LDM's first stage without its perceptual and adversarial terms, which need downloaded
 networks): per image, the summed L1 error of the pixels plus the summed L1 error of their horizontal and
 vertical differences (keeps edges crisp, so blur in the data stays visible after decoding), plus
-`kl_weight` x KL(posterior || N(0, I)), all divided by the batch size; Adam. The latent scale factor is
+`kl_weight` x KL(posterior || N(0, I)), all divided by the batch size; Adam (`--patch-size N` trains on
+one random N x N window per batch, cheaper for large images). The latent scale factor is
 LDM's: 1 / std of posterior samples over the first batches (SDXL's own VAE has 0.13025).
 
 Writes an official-layout file with the VAE tensors only (metadata: `sgm.scale_factor`, steps, losses)
@@ -66,9 +67,7 @@ def vae_loss(vae: AutoencoderKL, images: Tensor, kl_weight: float, generator: to
     reconstruction = vae.decode(posterior.sample(generator))
     batch = images.shape[0]
     pixels = (reconstruction - images).abs().sum() / batch
-    edges = sum(
-        (reconstruction.diff(dim=dim) - images.diff(dim=dim)).abs().sum() / batch for dim in (2, 3)
-    )
+    edges = sum((reconstruction.diff(dim=dim) - images.diff(dim=dim)).abs().sum() / batch for dim in (2, 3))
     kl = 0.5 * (posterior.mean.pow(2) + posterior.std.pow(2) - 1.0 - posterior.logvar).sum() / batch
     total = pixels + edges + kl_weight * kl
     per_pixel = (reconstruction.detach() - images).abs().mean()

@@ -1,6 +1,6 @@
 """SDXL's conditioning effects in miniature (paper section 2.2), as one command on a CPU.
 
-    python -m sgm.eval.conditioning_study                  # the full study (under an hour on 2 cores)
+    python -m sgm.eval.conditioning_study                  # the full study (about an hour on 2 cores; see issue 6)
     python -m sgm.eval.conditioning_study --quick --out /tmp/study   # the pipeline end to end in minutes
     python -m sgm.eval.conditioning_study --report-only          # rewrite report.md from results.json + samples
 

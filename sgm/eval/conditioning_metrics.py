@@ -50,7 +50,7 @@ def touches_border(image: np.ndarray, background: np.ndarray | None = None) -> b
 
 def mask_touches_border(mask: np.ndarray) -> bool:
     """True when a bool mask has a pixel on the outermost row or column."""
-    return bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
+    return bool(cut_sides(mask))
 
 
 def cut_sides(mask: np.ndarray) -> list[str]:
@@ -148,10 +148,11 @@ def analyse(image: np.ndarray) -> dict[str, Any]:
     image = as_image(image)
     found = find_object(image)
     fill, top_share = shape_features(found.mask)
+    sides = cut_sides(found.mask)
     return {
         "object_found": found.found,
-        "touches_border": mask_touches_border(found.mask),
-        "cut_sides": cut_sides(found.mask),
+        "touches_border": bool(sides),
+        "cut_sides": sides,
         "centre_yx": mask_centre(found.mask),
         "sharpness": _edge_sharpness(found),
         "spectral_sharpness": spectral_sharpness(image),

@@ -180,9 +180,11 @@ def sample_condition(model: Any, condition: Condition, settings: StudySettings) 
     return latents_to_uint8(model.model, latents).numpy(), prompts
 
 
-def evaluate(out: Path, settings: StudySettings, runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Sample and score every condition; the samples are kept as out/samples/<label>.npz."""
-    results, loaded = [], {}
+def evaluate(out: Path, settings: StudySettings, runs: dict[str, dict[str, Any]]
+             ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:  # fmt: skip
+    """Sample and score every condition: (scores, samples by label); the samples are also kept as
+    out/samples/<label>.npz (for --report-only)."""
+    results, loaded, samples = [], {}, {}
     sample_dir = out / "samples"
     sample_dir.mkdir(parents=True, exist_ok=True)
     for condition in conditions(settings):
@@ -194,11 +196,12 @@ def evaluate(out: Path, settings: StudySettings, runs: dict[str, dict[str, Any]]
         scores = score_samples(list(images), prompts)
         name = condition.label.replace(" ", "_").replace("=", "").replace(",", "-")
         np.savez_compressed(sample_dir / f"{name}.npz", images=images, prompts=np.asarray(prompts))
+        samples[condition.label] = images
         results.append({**asdict(condition), "label": condition.label, "samples_file": f"samples/{name}.npz",
                         "seconds": round(time.time() - started, 1), **scores})  # fmt: skip
         print(f"[study] {condition.label}: border cut {scores['border_cut_fraction']:.2f}, sharpness "
               f"{scores['mean_sharpness'] or float('nan'):.3f}, colour {scores['colour_accuracy']:.2f}", flush=True)  # fmt: skip
-    return results
+    return results, samples
 
 
 def run_study(out: str | Path, settings: StudySettings, command: str = "python -m sgm.eval.conditioning_study"
@@ -216,7 +219,7 @@ def run_study(out: str | Path, settings: StudySettings, command: str = "python -
     for variant in settings.variants:
         runs[variant] = train_variant(out, variant, settings, vae)
         timings[f"train_{variant}"] = round(time.time() - started - sum(timings.values()), 1)
-    results = evaluate(out, settings, runs)
+    results, samples = evaluate(out, settings, runs)
     timings["sampling_and_scoring"] = round(time.time() - started - sum(timings.values()), 1)
     record = {
         "command": command,
@@ -228,7 +231,7 @@ def run_study(out: str | Path, settings: StudySettings, command: str = "python -
         "per_sample": {r["label"]: r["samples"] for r in results},
         "timings_seconds": timings,
     }
-    write_report(out, record, {r["label"]: np.load(out / r["samples_file"])["images"] for r in results})
+    write_report(out, record, samples)
     return record
 
 

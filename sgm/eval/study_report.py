@@ -132,8 +132,8 @@ def size_verdicts(conditions: Sequence[Mapping[str, Any]], sizes: Sequence[int],
     for variant in ("full", "no_crop"):
         found = [(size, c) for size in sizes if (c := find(conditions, variant, size, (0, 0)))]
         stats = [(size, *sharpness_stats(c)) for size, c in found]
-        judged = [c for size, c in found if size <= resolution]
-        if len(judged) < 2 or any(sharpness_stats(c)[0] is None for c in judged):
+        judged = [c for (size, c), (_, mean, _, _) in zip(found, stats) if size <= resolution]
+        if len(judged) < 2 or any(mean is None for size, mean, _, _ in stats if size <= resolution):
             continue
         steps = [paired_rise_p(a, b) for a, b in pairwise(judged)]
         verdicts.append({

@@ -55,6 +55,8 @@ def test_quick_study_runs_every_step_through_the_normal_paths(quick):
         assert config.pretrained == str(vae_path) and list(config.pretrained_parts) == ["vae"]
         assert config.model.scale_factor == pytest.approx(record["vae"]["scale_factor"])
         assert config.data.crop == "random" and config.data.square_size == settings.resolution
+        assert config.module.denoiser.scaling._target_.endswith("VScaling")  # the study's parametrization
+        assert config.threads == max(1, settings.threads // settings.parallel_trainings)  # trained side by side
     # every condition scored on 12 prompts x seeds, each sample's analysis kept
     labels = [c["label"] for c in record["conditions"]]
     assert labels == [c.label for c in study.conditions(settings)] and len(set(labels)) == len(labels)
@@ -82,12 +84,21 @@ def test_a_rerun_reuses_finished_steps(quick):
     before = log.read_text()
     vae = study.train_study_vae(out, study.QUICK)
     assert vae["path"] == record["vae"]["path"] and vae["scale_factor"] == record["vae"]["scale_factor"]
-    assert study.train_variant(out, "full", study.QUICK, vae)["global_step"] == str(study.QUICK.train_steps)
+    assert study.train_variants(out, study.QUICK, vae)["full"]["global_step"] == str(study.QUICK.train_steps)
     assert log.read_text() == before  # no second train.py run
     report_text = (out / "report.md").read_text()
     (out / "report.md").unlink()
     assert study.main(["--report-only", "--out", str(out)]) == 0
     assert (out / "report.md").read_text() == report_text
+
+
+def test_a_failed_training_stops_the_study_and_shows_its_log(tmp_path):
+    settings = study.QUICK  # no data under tmp_path: both train.py runs fail at start
+    vae = {"path": str(tmp_path / "missing_vae.safetensors"), "scale_factor": 0.5}
+    with pytest.raises(RuntimeError, match=r"training (full|none) failed \(exit [1-9]") as raised:
+        study.train_variants(tmp_path, settings, vae)
+    assert "end of" in str(raised.value) and "train.log" in str(raised.value)
+    assert not (tmp_path / "runs" / "full" / "outputs.json").exists()
 
 
 def test_vae_objective_falls_and_the_scale_factor_whitens_latents():

@@ -224,7 +224,8 @@ def markdown(record: Mapping[str, Any], verdicts: Sequence[Mapping[str, Any]]) -
         f"{vae['steps']} steps at lr {s['vae_lr']} ({vae['seconds']:.0f} s when it was trained), final L1 per "
         f"pixel {vae['curve'][-1]['l1_per_pixel']:.4f} (images in [-1, 1]), latent scale factor {vae['scale_factor']:.5f}."),
         f"- Diffusion models: `python train.py experiment=conditioning_study/<variant>`, {s['train_steps']} steps "
-        f"at batch {s['batch_size']}, seed {s['seed']}, EMA weights sampled: "
+        f"at batch {s['batch_size']}, lr {s['lr']}, seed {s['seed']}, v-prediction (the experiment config says why), "
+        f"{s.get('parallel_trainings', 1)} trained at a time, EMA weights sampled: "
         + ", ".join(f"{v} (median {r.get('images_per_second_median', '?')} img/s)" for v, r in runs.items()) + ".",
         (f"- Sampling: DPM++ 2M, {s['sampler_steps']} steps, guidance {s['guidance_scale']} against the empty "
         f"caption, {len(record['prompts'])} prompts x {s['seeds_per_prompt']} seeds (seed = "

@@ -71,7 +71,7 @@ def test_quick_study_runs_every_step_through_the_normal_paths(quick):
     assert "colour" in effects
     text = (out / "report.md").read_text()
     assert "## Verdicts" in text and all(f"| {label} |" in text for label in labels)
-    assert f"{settings.train_steps} steps" in text and "seed 0" in text
+    assert f"{settings.train_steps} steps" in text and "seed 0" in text and "v-prediction" in text
     with Image.open(out / "samples.png") as figure:
         assert figure.size == (report.LABEL_WIDTH + len(study.PROMPTS) * settings.resolution,
                                len(labels) * (settings.resolution + 2))  # fmt: skip

@@ -137,8 +137,9 @@ def train_study_vae(out: Path, settings: StudySettings) -> dict[str, Any]:
         record = json.loads(record_path.read_text())
         if record.get("settings") == asdict(vae_settings):
             return {**record, "path": str(path)}
-    cfg = compose_run_config(["experiment=conditioning_study", *common_overrides(out, settings),
-                              f"threads={settings.threads}"])
+    cfg = compose_run_config(
+        ["experiment=conditioning_study", *common_overrides(out, settings), f"threads={settings.threads}"]
+    )
     record = train_vae(cfg, path, vae_settings)
     return {**record, "path": str(path)}
 
@@ -146,9 +147,8 @@ def train_study_vae(out: Path, settings: StudySettings) -> dict[str, Any]:
 def _finished_run(run_dir: Path, settings: StudySettings) -> dict[str, Any] | None:
     """The run's outputs.json content if it reached settings.train_steps, else None."""
     outputs = run_dir / "outputs.json"
-    if outputs.is_file() and json.loads(outputs.read_text()).get("global_step") == str(settings.train_steps):
-        return json.loads(outputs.read_text())
-    return None
+    record = json.loads(outputs.read_text()) if outputs.is_file() else {}
+    return record if record.get("global_step") == str(settings.train_steps) else None
 
 
 def _variant_command(out: Path, variant: str, settings: StudySettings, vae: dict[str, Any], threads: int) -> list[str]:
@@ -168,11 +168,12 @@ def train_variants(out: Path, settings: StudySettings, vae: dict[str, Any]) -> d
     the others and raises with the end of its log. Returns each variant's outputs.json content."""
     runs = {v: done for v in settings.variants if (done := _finished_run(out / "runs" / v, settings))}
     waiting = [v for v in settings.variants if v not in runs]
-    threads = max(1, settings.threads // max(1, settings.parallel_trainings))
+    slots = max(1, settings.parallel_trainings)
+    threads = max(1, settings.threads // slots)
     running: dict[str, subprocess.Popen] = {}
     try:
         while waiting or running:
-            while waiting and len(running) < max(1, settings.parallel_trainings):
+            while waiting and len(running) < slots:
                 variant = waiting.pop(0)
                 command = _variant_command(out, variant, settings, vae, threads)
                 print(f"[study] training {variant}: {' '.join(command[1:])}", flush=True)
@@ -283,8 +284,16 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Path, StudySettings, 
     parser.add_argument("--out", type=Path, default=Path("outputs/conditioning_study"))
     parser.add_argument("--quick", action="store_true", help="a few steps of everything: checks the pipeline")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report of a finished study in --out")
-    numbers = ("train_steps", "vae_steps", "seeds_per_prompt", "sampler_steps", "num_samples", "seed", "threads",
-               "parallel_trainings")
+    numbers = (
+        "train_steps",
+        "vae_steps",
+        "seeds_per_prompt",
+        "sampler_steps",
+        "num_samples",
+        "seed",
+        "threads",
+        "parallel_trainings",
+    )
     for name in numbers:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     parser.add_argument("--variants", nargs="+", choices=ALL_VARIANTS, default=None)

@@ -205,6 +205,17 @@ def _table(conditions: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def _predictions(runs: Mapping[str, Mapping[str, Any]]) -> str:
+    """What the runs' networks predict, read from their saved configs ("v-prediction", "eps-prediction")."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    kinds = {
+        get_class(OmegaConf.load(Path(r["config"])).module.denoiser.scaling._target_).prediction for r in runs.values()
+    }
+    return " / ".join(f"{kind}-prediction" for kind in sorted(kinds))
+
+
 def markdown(record: Mapping[str, Any], verdicts: Sequence[Mapping[str, Any]]) -> str:
     s, vae = record["settings"], record["vae"]
     runs = record["runs"]
@@ -224,7 +235,7 @@ def markdown(record: Mapping[str, Any], verdicts: Sequence[Mapping[str, Any]]) -
         f"{vae['steps']} steps at lr {s['vae_lr']} ({vae['seconds']:.0f} s when it was trained), final L1 per "
         f"pixel {vae['curve'][-1]['l1_per_pixel']:.4f} (images in [-1, 1]), latent scale factor {vae['scale_factor']:.5f}."),
         f"- Diffusion models: `python train.py experiment=conditioning_study/<variant>`, {s['train_steps']} steps "
-        f"at batch {s['batch_size']}, lr {s['lr']}, seed {s['seed']}, v-prediction (the experiment config says why), "
+        f"at batch {s['batch_size']}, lr {s['lr']}, seed {s['seed']}, {_predictions(runs)} (the experiment config says why), "
         f"{s.get('parallel_trainings', 1)} trained at a time, EMA weights sampled: "
         + ", ".join(f"{v} (median {r.get('images_per_second_median', '?')} img/s)" for v, r in runs.items()) + ".",
         (f"- Sampling: DPM++ 2M, {s['sampler_steps']} steps, guidance {s['guidance_scale']} against the empty "

@@ -72,6 +72,14 @@ def test_quick_study_runs_every_step_through_the_normal_paths(quick):
     text = (out / "report.md").read_text()
     assert "## Verdicts" in text and all(f"| {label} |" in text for label in labels)
     assert f"{settings.train_steps} steps" in text and "seed 0" in text and "v-prediction" in text
+    # the calibration: training crops measured as loaded and through the VAE, each model's conditioning use
+    calibration = record["calibration"]
+    assert calibration["data"]["images"] >= settings.calibration_images
+    assert calibration["data"]["crops"]["cut_all"]["count"] == calibration["data"]["images"]
+    assert calibration["use_images"] == settings.use_images
+    assert set(calibration["conditioning_use"]["full"]) == {"original_size_as_tuple", "crop_coords_top_left", "txt"}
+    assert set(calibration["conditioning_use"]["none"]) == {"txt"}  # no size or crop input to swap
+    assert "## Calibration" in text and "| full | crop |" in text and "| none | caption (yardstick) |" in text
     with Image.open(out / "samples.png") as figure:
         assert figure.size == (report.LABEL_WIDTH + len(study.PROMPTS) * settings.resolution,
                                len(labels) * (settings.resolution + 2))  # fmt: skip
@@ -90,6 +98,21 @@ def test_a_rerun_reuses_finished_steps(quick):
     (out / "report.md").unlink()
     assert study.main(["--report-only", "--out", str(out)]) == 0
     assert (out / "report.md").read_text() == report_text
+    # run again: only sampling and calibration are redone; the reused steps keep the times they took
+    again = study.run_study(out, study.QUICK)
+    assert again["reused_steps"] == ["data", "vae", "train_variants"]
+    assert again["timings_seconds"]["train_variants"] == record["timings_seconds"]["train_variants"]
+    assert again["timings_seconds"]["vae"] == record["vae"]["seconds"]
+    assert "reused from an earlier run in this folder" in (out / "report.md").read_text()
+    assert log.read_text() == before
+    # a moved study folder still rewrites its report (its recorded paths follow it)
+    moved = out.with_name(out.name + "_moved")
+    out.rename(moved)
+    try:
+        assert study.main(["--report-only", "--out", str(moved)]) == 0
+        assert str(moved / "runs") in json.loads((moved / "results.json").read_text())["runs"]["full"]["run_dir"]
+    finally:
+        moved.rename(out)
 
 
 def test_a_failed_training_stops_the_study_and_shows_its_log(tmp_path):

@@ -1,6 +1,6 @@
 """SDXL's conditioning effects in miniature (paper section 2.2), as one command on a CPU.
 
-    python -m sgm.eval.conditioning_study                  # the full study (about 42 min on 2 cores)
+    python -m sgm.eval.conditioning_study                  # the full study (about 45 min on 2 cores)
     python -m sgm.eval.conditioning_study --quick --out /tmp/study   # the pipeline end to end in minutes
     python -m sgm.eval.conditioning_study --report-only          # rewrite report.md from results.json + samples
 
@@ -11,7 +11,10 @@ Steps (each skipped when its output is already there, so a rerun continues where
    `full` (size + crop conditioning, as SDXL), `no_crop`, `no_size` and `none`; same data, seed, steps;
 4. samples under each condition (same prompts and per-image seeds everywhere), scored by
    sgm.eval.conditioning_metrics (border cut, edge sharpness, colour and shape named in the prompt);
-5. `report.md` (tables + verdicts), `samples.png` (one row per condition) and `results.json`.
+5. a calibration on training crops drawn through the same loader (sgm.eval.study_calibration): the
+   measures on the crops and their VAE round trip, and how much each model's denoising error depends on
+   the micro-conditioning it was given (whether it learned to use it at all);
+6. `report.md` (tables + verdicts), `samples.png` (one row per condition) and `results.json`.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra.utils import instantiate
 
 from sgm.diffusion.samplers import DPMPP2MSampler
 from sgm.eval.conditioning_metrics import score_samples
+from sgm.eval.study_calibration import conditioning_use, data_reference, training_crops
 from sgm.eval.study_report import write_report
 from sgm.inference import generate_latents, latents_to_uint8
 from sgm.sampling_checkpoints import load_sampling_model
@@ -70,10 +75,14 @@ class StudySettings:
     crops: tuple[tuple[int, int], ...] = ((0, 0), (0, 16), (16, 0))  # crop_coords_top_left sweep
     threads: int = 2  # torch threads in all (the study's own process, the VAE; split between parallel trainings)
     parallel_trainings: int = 3  # variants trained at once
+    calibration_images: int = 512  # training crops measured (and VAE round-tripped) for the data reference
+    use_images: int = 256  # of those, the crops each model's conditioning use is measured on
+    use_sigmas: tuple[float, ...] = (0.3, 1.0, 3.0, 10.0)  # noise levels of that measurement
 
 
 QUICK = StudySettings(num_samples=64, vae_steps=3, variants=("full", "none"), train_steps=3, batch_size=4,
-                      seeds_per_prompt=1, sampler_steps=2, sizes=(32, 64, 256), crops=((0, 0), (0, 16)))  # fmt: skip
+                      seeds_per_prompt=1, sampler_steps=2, sizes=(32, 64, 256), crops=((0, 0), (0, 16)),
+                      calibration_images=16, use_images=8)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -100,18 +109,19 @@ def conditions(settings: StudySettings) -> list[Condition]:
     return [c for c in dict.fromkeys(wanted) if c.variant in settings.variants]
 
 
-def build_data(out: Path, settings: StudySettings) -> None:
-    """The shapes shards under out/data (kept when built with the same settings)."""
+def build_data(out: Path, settings: StudySettings) -> bool:
+    """The shapes shards under out/data (kept when built with the same settings); True when built now."""
     stamp = out / "data" / "_study_data.json"
     wanted = {k: getattr(settings, k) for k in ("num_samples", "seed", "min_side", "max_side")}
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
-        return
+        return False
     sys.path.insert(0, str(REPO))  # data/ is a folder of scripts next to the package
     from data.build_shapes_dataset import build_shapes_dataset
 
     build_shapes_dataset(out / "data", settings.num_samples, settings.seed, samples_per_shard=256,
                          min_side=settings.min_side, max_side=settings.max_side)  # fmt: skip
     stamp.write_text(json.dumps(wanted))
+    return True
 
 
 def common_overrides(out: Path, settings: StudySettings) -> list[str]:
@@ -136,12 +146,12 @@ def train_study_vae(out: Path, settings: StudySettings) -> dict[str, Any]:
     if path.is_file() and record_path.is_file():
         record = json.loads(record_path.read_text())
         if record.get("settings") == asdict(vae_settings):
-            return {**record, "path": str(path)}
+            return {**record, "path": str(path), "reused": True}
     cfg = compose_run_config(
         ["experiment=conditioning_study", *common_overrides(out, settings), f"threads={settings.threads}"]
     )
     record = train_vae(cfg, path, vae_settings)
-    return {**record, "path": str(path)}
+    return {**record, "path": str(path), "reused": False}
 
 
 def _finished_run(run_dir: Path, settings: StudySettings) -> dict[str, Any] | None:
@@ -237,21 +247,65 @@ def evaluate(out: Path, settings: StudySettings, runs: dict[str, dict[str, Any]]
     return results, samples
 
 
+def calibrate(out: Path, settings: StudySettings, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The data reference (crops and their VAE round trip) and each variant's conditioning use, on training
+    crops drawn through the study's loader with another data seed than training's."""
+    cfg = compose_run_config(["experiment=conditioning_study", *common_overrides(out, settings), "data.batch_size=64",
+                              f"data.seed={settings.seed + 1}"])  # fmt: skip
+    loader = instantiate(cfg.data)(rank=0, world_size=1)
+    try:
+        batches = training_crops(loader, settings.calibration_images)
+    finally:
+        loader.close()
+    use_batches, kept = [], 0
+    for batch in batches:
+        if kept >= settings.use_images:
+            break
+        batch = {k: v[: settings.use_images - kept] for k, v in batch.items()}
+        use_batches.append(batch)
+        kept += len(batch["jpg"])
+    models = {v: load_sampling_model(newest_checkpoint(Path(r["run_dir"]) / "checkpoints")) for v, r in runs.items()}
+    reference = data_reference(next(iter(models.values())).model, batches, settings.sizes)
+    use = {v: conditioning_use(m, use_batches, settings.use_sigmas, settings.seed) for v, m in models.items()}
+    return {"data": reference, "conditioning_use": use, "use_images": kept}
+
+
+def _earlier_timings(out: Path) -> dict[str, float]:
+    """Step times an earlier run in `out` recorded (results.json), for the steps this run reuses."""
+    path = out / "results.json"
+    return json.loads(path.read_text()).get("timings_seconds", {}) if path.is_file() else {}
+
+
 def run_study(out: str | Path, settings: StudySettings, command: str = "python -m sgm.eval.conditioning_study"
               ) -> dict[str, Any]:  # fmt: skip
     """Run every step (skipping finished ones) and write the report; returns results.json's content."""
     out = Path(out).absolute()
     torch.set_num_threads(settings.threads)
+    earlier = _earlier_timings(out)
     timings: dict[str, float] = {}
-    started = time.time()
-    build_data(out, settings)
-    timings["data"] = round(time.time() - started, 1)
+    lap_started = time.time()
+
+    def lap(step: str) -> None:
+        nonlocal lap_started
+        timings[step], lap_started = round(time.time() - lap_started, 1), time.time()
+
+    reused = [] if build_data(out, settings) else ["data"]
+    lap("data")
     vae = train_study_vae(out, settings)
-    timings["vae"] = round(time.time() - started - sum(timings.values()), 1)
+    reused += ["vae"] if vae["reused"] else []
+    lap("vae")
+    if all(_finished_run(out / "runs" / v, settings) for v in settings.variants):
+        reused.append("train_variants")
     runs = train_variants(out, settings, vae)
-    timings["train_variants"] = round(time.time() - started - sum(timings.values()), 1)
+    lap("train_variants")
     results, samples = evaluate(out, settings, runs)
-    timings["sampling_and_scoring"] = round(time.time() - started - sum(timings.values()), 1)
+    lap("sampling_and_scoring")
+    calibration = calibrate(out, settings, runs)
+    lap("calibration")
+    # a reused step counts with the time it took when it ran (an earlier results.json here; the VAE's record)
+    timings.update({step: earlier.get(step) or timings[step] for step in reused})
+    if vae["reused"]:
+        timings["vae"] = vae["seconds"]
     record = {
         "command": command,
         "settings": asdict(settings),
@@ -260,7 +314,9 @@ def run_study(out: str | Path, settings: StudySettings, command: str = "python -
         "prompts": list(PROMPTS),
         "conditions": [{k: v for k, v in r.items() if k != "samples"} for r in results],
         "per_sample": {r["label"]: r["samples"] for r in results},
+        "calibration": calibration,
         "timings_seconds": timings,
+        "reused_steps": reused,
     }
     write_report(out, record, samples)
     return record
@@ -268,8 +324,12 @@ def run_study(out: str | Path, settings: StudySettings, command: str = "python -
 
 def rewrite_report(out: str | Path) -> dict[str, Any]:
     """Write report.md, samples.png and results.json again from a finished study's results and samples."""
-    out = Path(out)
-    record = json.loads((out / "results.json").read_text())
+    out = Path(out).absolute()
+    text = (out / "results.json").read_text()
+    written_in = str(Path(json.loads(text)["vae"]["path"]).parents[1])  # the study folder when it ran (out/vae/...)
+    if written_in != str(out):  # the folder was moved or copied: its recorded paths follow it
+        text = text.replace(json.dumps(written_in)[1:-1], json.dumps(str(out))[1:-1])
+    record = json.loads(text)
     record.pop("verdicts", None)
     vae_path = Path(record["vae"]["path"])
     vae_record = json.loads(vae_path.with_name(f"{vae_path.stem}_training.json").read_text())

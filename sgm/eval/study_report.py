@@ -216,13 +216,66 @@ def _predictions(runs: Mapping[str, Mapping[str, Any]]) -> str:
     return " / ".join(f"{kind}-prediction" for kind in sorted(kinds))
 
 
+USE_NAMES = {"original_size_as_tuple": "original size", "crop_coords_top_left": "crop", "txt": "caption (yardstick)"}
+
+
+def _share(part: Mapping[str, Any]) -> str:
+    return f"{part['fraction']:.1%} ({part['cut']}/{part['count']})" if part["count"] else "n/a"
+
+
+def calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
+    """The report's calibration section: what the training crops show, and how much each model uses
+    each conditioning input (study_calibration.py)."""
+    if not calibration:
+        return []
+    data, use = calibration["data"], calibration["conditioning_use"]
+    crops, vae = data["crops"], data["through_vae"]
+    lines = [
+        "## Calibration: what the training data shows, and what the models learned", "",
+        (f"{data['images']} training crops drawn through the study's own loader (another data seed), measured "
+        "as the samples are, as they are and after a round trip through the study VAE. A model that learned "
+        "crop conditioning would approach, at crop (0,0), the cut fraction of the crops recorded there; one that "
+        "learned size conditioning would span the round-tripped sharpness range."), "",
+        "| training crops | cut at crop (0,0) | cut at other crops | all |", "|---|---|---|---|",
+        *[f"| {name} | {_share(d['cut_at_origin'])} | {_share(d['cut_elsewhere'])} | {_share(d['cut_all'])} |"
+          for name, d in (("as loaded", crops), ("through the VAE", vae))], "",
+        "| original short side (px) | images | edge sharpness as loaded | through the VAE |", "|---|---|---|---|",
+    ]  # fmt: skip
+    for raw, again in zip(crops["sharpness_by_short_side"], vae["sharpness_by_short_side"]):
+        cells = [f"{b['mean']:.3f} ± {b['se'] or 0:.3f}" if b["mean"] is not None else "n/a" for b in (raw, again)]
+        lines.append(f"| {raw['short_side']} | {raw['count']} | {cells[0]} | {cells[1]} |")
+    sigmas = sorted({sigma for per_key in use.values() for levels in per_key.values() for sigma in levels}, key=float)
+    lines += [
+        "", (f"Conditioning use: the rise of each model's denoising error (x0 MSE, EMA weights) on "
+        f"{calibration['use_images']} of these crops when one input is swapped between images (same latents and "
+        "noise); about 0 means the network ignores that input. The caption swap is the yardstick of a "
+        "conditioning that was learned."), "",
+        "| model | swapped input | " + " | ".join(f"sigma {s}" for s in sigmas) + " |",
+        "|---|---|" + "---|" * len(sigmas),
+    ]  # fmt: skip
+    for variant, per_key in use.items():
+        for key, levels in per_key.items():
+            cells = [f"{levels[s]['rise']:+.2%} ± {levels[s]['se']:.2%}" if s in levels else "n/a" for s in sigmas]
+            lines.append(f"| {variant} | {USE_NAMES.get(key, key)} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _total_time(record: Mapping[str, Any]) -> str:
+    timings, reused = record["timings_seconds"], record.get("reused_steps", [])
+    line = (f"Total time: {sum(timings.values()) / 60:.1f} min "
+            f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")  # fmt: skip
+    if reused:
+        line += (f"; {', '.join(reused)} reused from an earlier run in this folder, counted with the time "
+                 "that run recorded")  # fmt: skip
+    return line
+
+
 def markdown(record: Mapping[str, Any], verdicts: Sequence[Mapping[str, Any]]) -> str:
     s, vae = record["settings"], record["vae"]
     runs = record["runs"]
     lines = [
         "# SDXL micro-conditioning study (miniature)", "",
-        f"Command: `{record['command']}`  ", (f"Total time: {sum(record['timings_seconds'].values()) / 60:.1f} min "
-        f"({', '.join(f'{k} {v:.0f} s' for k, v in record['timings_seconds'].items())})"), "",
+        f"Command: `{record['command']}`  ", _total_time(record), "",
         "## Verdicts", "",
         f"An effect in the right direction counts as shown only at one-sided p < {ALPHA}.", "",
         *[f"- **{v['status']}**: {v['effect']}: {v['numbers']}" for v in verdicts], "",
@@ -250,6 +303,7 @@ def markdown(record: Mapping[str, Any], verdicts: Sequence[Mapping[str, Any]]) -
         "", "## Samples", "", "![samples](samples.png)", "",
         "One row per condition, the first seed of each prompt (prompts in the order of `prompts` in results.json).",
         "", "## All conditions", "", *_table(record["conditions"]), "",
+        *calibration_lines(record.get("calibration")),
     ]  # fmt: skip
     return "\n".join(lines) + "\n"
 

@@ -302,10 +302,9 @@ def run_study(out: str | Path, settings: StudySettings, command: str = "python -
     lap("sampling_and_scoring")
     calibration = calibrate(out, settings, runs)
     lap("calibration")
-    # a reused step counts with the time it took when it ran (an earlier results.json here; the VAE's record)
-    timings.update({step: earlier.get(step) or timings[step] for step in reused})
-    if vae["reused"]:
-        timings["vae"] = vae["seconds"]
+    # a reused step counts with the time it took when it ran (the VAE's record; an earlier results.json here)
+    recorded = {**earlier, "vae": vae["seconds"]}
+    timings.update({step: recorded.get(step) or timings[step] for step in reused})
     record = {
         "command": command,
         "settings": asdict(settings),

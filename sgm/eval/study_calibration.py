@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from sgm.eval.conditioning_metrics import analyse
+from sgm.eval.study_report import sharpness_stats
 from sgm.inference import latents_to_uint8
 from sgm.training.module import pixels_to_unit_range
 
@@ -60,11 +61,11 @@ def _fraction(flags: Sequence[bool]) -> dict[str, Any]:
     return {"count": len(flags), "cut": int(sum(flags)), "fraction": (sum(flags) / len(flags)) if flags else None}
 
 
-def _crop_rows(batches: Sequence[Mapping[str, Any]]) -> Iterator[tuple[np.ndarray, tuple[int, ...], tuple[int, ...]]]:
-    for batch in batches:
-        images = batch["jpg"].permute(0, 2, 3, 1).numpy()
-        sizes, crops = batch["original_size_as_tuple"].tolist(), batch["crop_coords_top_left"].tolist()
-        yield from zip(images, map(tuple, sizes), map(tuple, crops))
+def _crop_rows(batch: Mapping[str, Any]) -> Iterator[tuple[np.ndarray, tuple[int, ...], tuple[int, ...]]]:
+    """(image H x W x 3, original size, crop) for each image of one loader batch."""
+    images = batch["jpg"].permute(0, 2, 3, 1).numpy()
+    sizes, crops = batch["original_size_as_tuple"].tolist(), batch["crop_coords_top_left"].tolist()
+    return zip(images, map(tuple, sizes), map(tuple, crops))
 
 
 def summarise_measures(measures: Sequence[Mapping[str, Any]], short_sides: Sequence[int], at_origin: Sequence[bool],
@@ -73,11 +74,9 @@ def summarise_measures(measures: Sequence[Mapping[str, Any]], short_sides: Seque
     cut = [bool(m["cut_sides"]) for m in measures]
     sharpness = []
     for lo, hi in size_bins(sizes):
-        values = [m["sharpness"] for m, side in zip(measures, short_sides)
-                  if side >= lo and (hi is None or side < hi) and m["object_found"] and math.isfinite(m["sharpness"])]  # fmt: skip
-        mean = float(np.mean(values)) if values else None
-        se = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
-        sharpness.append({"short_side": _bin_label(lo, hi), "count": len(values), "mean": mean, "se": se})
+        in_bin = [m for m, side in zip(measures, short_sides) if side >= lo and (hi is None or side < hi)]
+        mean, se, count = sharpness_stats({"samples": in_bin})
+        sharpness.append({"short_side": _bin_label(lo, hi), "count": count, "mean": mean, "se": se})
     return {
         "cut_at_origin": _fraction([c for c, o in zip(cut, at_origin) if o]),
         "cut_elsewhere": _fraction([c for c, o in zip(cut, at_origin) if not o]),
@@ -93,7 +92,7 @@ def data_reference(model: Any, batches: Sequence[Mapping[str, Any]], sizes: Sequ
     for batch in batches:
         latents = model.encode_first_stage(pixels_to_unit_range(batch["jpg"]).float(), sample=False)
         round_trip = latents_to_uint8(model, latents).numpy()
-        for (image, size, crop), again in zip(_crop_rows([batch]), round_trip):
+        for (image, size, crop), again in zip(_crop_rows(batch), round_trip):
             raw.append(analyse(image))
             decoded.append(analyse(again))
             short_sides.append(min(size))

@@ -7,8 +7,8 @@ Ground truth for the SDXL micro-conditioning study (issue 6). Each image holds o
 or triangle (axis-aligned; the triangle points up and is as tall as it is wide, so every shape's
 bounding box is a square) in red, green, blue or yellow on one fixed light-grey background, with
 the caption "a red circle". Objects are drawn anti-aliased (coverage sampled on an 8x8 or 4x4
-subpixel grid) and lie wholly inside the canvas with a margin, so any border cut seen later comes
-from the loader's crop. Canvas sizes are log-uniform in their long side over 32..512 px at nine
+subpixel grid) and lie wholly inside the canvas with a margin, framed near its centre as a photographed
+subject is, so any border cut seen later comes from the loader's crop. Canvas sizes are log-uniform in their long side over 32..512 px at nine
 aspect ratios 1:2..2:1, saved at their own size as PNG: a small image stays small, so the loader
 upscales it and it looks blurry at the bucket size, while a large one is downscaled and stays
 sharp; that is what size conditioning must learn. The object's side is 35-80% of the short side.
@@ -44,6 +44,12 @@ ASPECT_RATIOS = ((1, 2), (9, 16), (2, 3), (3, 4), (1, 1), (4, 3), (3, 2), (16, 9
 MIN_SIDE, MAX_SIDE = 32, 512  # long side, log-uniform
 OBJECT_FRACTION = (0.35, 0.8)  # object side / short side
 MARGIN = 2  # px kept free around the object at its original size, so it stays clear of the edge when resized
+# Framing: the object's box starts this far into the free range along each axis (0: at the margin, 1: at the
+# far margin), so it sits near the centre, as a photographed subject does. That is what makes crop
+# coordinates informative: with objects placed anywhere (0..1), where a crop lands says little about
+# where the object is, and models ignored the crop input (issue 6: denoising error +0.25% at most when
+# crops were swapped, after 3000 and 6000 steps).
+FRAMING = (0.3, 0.7)
 
 
 @dataclass(frozen=True)
@@ -122,11 +128,12 @@ def _canvas_size(rng: random.Random, min_side: int, max_side: int) -> tuple[int,
 
 
 def sample_spec(rng: random.Random, shape: str, colour: str, height: int, width: int) -> ShapeSpec:
-    """Random size and position for one object that lies MARGIN px inside a height x width canvas."""
+    """Random size and position for one object that lies MARGIN px inside a height x width canvas, framed
+    near its centre (FRAMING)."""
     short = min(height, width)
     side = min(rng.uniform(*OBJECT_FRACTION) * short, short - 2 * MARGIN)
-    top = rng.uniform(MARGIN, height - MARGIN - side)
-    left = rng.uniform(MARGIN, width - MARGIN - side)
+    top = MARGIN + rng.uniform(*FRAMING) * (height - 2 * MARGIN - side)
+    left = MARGIN + rng.uniform(*FRAMING) * (width - 2 * MARGIN - side)
     return ShapeSpec(shape, colour, side / short, (top + side / 2) / height, (left + side / 2) / width)
 
 

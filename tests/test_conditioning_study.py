@@ -68,6 +68,7 @@ def test_quick_study_runs_every_step_through_the_normal_paths(quick):
     # the verdicts cover the three effects; the report lists them and every condition; the figure has a row each
     effects = " ".join(v["effect"] for v in record["verdicts"])
     assert "(full vs none)" in effects and "size condition up to 64 px (full)" in effects
+    assert "crop_left 0 -> 16 at original 128x256 shifts the framing: the object moves left (full)" in effects
     assert "colour" in effects
     text = (out / "report.md").read_text()
     assert "## Verdicts" in text and all(f"| {label} |" in text for label in labels)
@@ -154,10 +155,11 @@ def test_random_patch_is_a_window_of_the_batch():
     assert random_patch(images, 0, torch.Generator()) is images
 
 
-def _condition(variant: str, size: int, crop: tuple[int, int], cut: list[list[str]], sharp: list[float],
-               colours_right: int) -> dict:  # fmt: skip
-    samples = [{"object_found": True, "touches_border": bool(sides), "cut_sides": sides, "sharpness": s}
-               for sides, s in zip(cut, sharp)]  # fmt: skip
+def _condition(variant: str, size: int | tuple[int, int], crop: tuple[int, int], cut: list[list[str]],
+               sharp: list[float], colours_right: int, centre_x: list[float] | None = None) -> dict:  # fmt: skip
+    centre_x = centre_x or [0.5] * len(cut)
+    samples = [{"object_found": True, "touches_border": bool(sides), "cut_sides": sides, "sharpness": s,
+                "centre_yx": [0.5, x]} for sides, s, x in zip(cut, sharp, centre_x)]  # fmt: skip
     count = len(samples)
     return {"variant": variant, "original_size": size, "crop": list(crop), "label": f"{variant} {size} {crop}",
             "count": count, "no_object": 0, "border_cut_fraction": sum(bool(c) for c in cut) / count,
@@ -167,9 +169,17 @@ def _condition(variant: str, size: int, crop: tuple[int, int], cut: list[list[st
 def test_verdicts_follow_the_numbers():
     n = 40
     whole, cut_left = [[]] * n, [["left"]] * n
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0.0, 0.1, n)
+    centres = 0.5 + noise - noise.mean()
+    wide = (256, 512)
     conditions = [
         _condition("full", 256, (0, 0), [["top"]] * 4 + whole[4:], [0.5] * n, n),
-        _condition("full", 256, (0, 32), cut_left[:20] + whole[20:], [0.5] * n, n),
+        _condition("full", wide, (0, 0), whole, [0.5] * n, n, list(centres + 0.2)),
+        _condition("full", wide, (0, 32), whole, [0.5] * n, n, list(centres)),
+        _condition("full", wide, (0, 64), cut_left, [0.5] * n, n, list(centres - 0.2)),
+        _condition("no_size", wide, (0, 0), whole, [0.5] * n, n, list(centres)),
+        _condition("no_size", wide, (0, 32), whole, [0.5] * n, n, list(centres + 0.05)),  # moves right: wrong way
         _condition("no_crop", 256, (0, 0), [["right"]] * 20 + whole[20:], [0.5] * n, 20),
         _condition("no_size", 256, (0, 0), [["top"]] * 10 + whole[10:], [0.5] * n, n),
         _condition("none", 256, (0, 0), [["top"]] * 8 + whole[8:], [0.5] * n, n),
@@ -178,23 +188,25 @@ def test_verdicts_follow_the_numbers():
         _condition("no_crop", 32, (0, 0), whole, [0.3] * n, n),
         _condition("no_crop", 128, (0, 0), whole, [0.3] * n, n),
     ]
-    crop = report.crop_verdicts(conditions, 256, [(0, 0), (0, 32)])
+    crop = report.crop_verdicts(conditions, 256)
     assert [v["status"] for v in crop] == [
         "NOT shown",  # no_size cuts 10 of 40, none 8
         "shown",  # full 4 vs no_crop 20: p < 0.001
         "direction only (p >= 0.05: within noise)",  # full 4 vs none 8: p = 0.1
-        "shown",  # left cuts 0 -> 20 of 40
     ]
-    assert (
-        "4/40 = 10.0% vs 20/40 = 50.0%" in crop[1]["numbers"] and "left: 0.0% at (0,0) -> 50.0%" in crop[3]["numbers"]
-    )
+    assert "4/40 = 10.0% vs 20/40 = 50.0%" in crop[1]["numbers"]
+    shift = report.shift_verdicts(conditions, wide, [(0, 0), (0, 32), (0, 64)])
+    assert [(v["effect"].split("(")[-1], v["status"]) for v in shift] == [("full)", "shown"), ("no_size)", "NOT shown")]
+    assert "0: 0.70, 32: 0.50, 64: 0.30" in shift[0]["numbers"] and "-0.20 (p = 0" in shift[0]["numbers"]
+    assert report.shift_verdicts(conditions, (256, 256), [(0, 0), (0, 32)]) == []  # the sweep is at `wide` only
     assert report.one_sided_p(4, 40, 20, 40) < 1e-3
     assert report.one_sided_p(20, 40, 20, 40) == 0.5
     size = report.size_verdicts(conditions, [32, 128, 256, 512], resolution=256)
     assert [(v["effect"].split("(")[-1], v["status"]) for v in size] == [("full)", "shown"), ("no_crop)", "NOT shown")]
     colour = report.colour_verdicts(conditions)
-    assert [v["status"] for v in colour] == ["shown", "NOT shown", "shown", "shown"]  # no_crop: 20 + 40 + 40 of 120
-    assert "100/120 = 83.3%" in colour[1]["numbers"]
+    assert [v["effect"].split("(")[-1].split(",")[0] for v in colour] == ["full", "no_size", "no_crop", "none"]
+    assert [v["status"] for v in colour] == ["shown", "shown", "NOT shown", "shown"]  # no_crop: 20 + 40 + 40 of 120
+    assert "100/120 = 83.3%" in colour[2]["numbers"]
 
 
 def test_paired_sharpness_rise_needs_more_than_noise():

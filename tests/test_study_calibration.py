@@ -46,6 +46,7 @@ def test_data_reference_splits_cuts_by_crop_and_sharpness_by_original_size():
     assert reference["images"] == 4
     assert crops["cut_at_origin"] == {"count": 2, "cut": 1, "fraction": 0.5}
     assert crops["cut_elsewhere"] == {"count": 2, "cut": 2, "fraction": 1.0}
+    assert crops["cut_square_original"] == {"count": 2, "cut": 1, "fraction": 0.5}  # 128x128 whole, 16x16 cut
     small, large = crops["sharpness_by_short_side"]
     assert (small["short_side"], small["count"], large["short_side"], large["count"]) == ("0-31", 2, ">= 32", 2)
     assert small["mean"] < 0.5 * large["mean"]  # upscaled 4x: edges about 4x wider

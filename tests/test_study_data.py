@@ -85,6 +85,12 @@ def test_objects_lie_inside_where_the_json_says_in_the_named_colour(built):
         top, left, box_h, box_w = meta["object_box_top_left_height_width"]
         assert box_h == box_w and shapes.MARGIN - 1e-3 <= min(top, left)
         assert top + box_h <= height - shapes.MARGIN + 1e-3 and left + box_w <= width - shapes.MARGIN + 1e-3
+        # framed near the centre: the box starts within FRAMING of the free range along each axis
+        for start, extent, side in ((top, height, box_h), (left, width, box_w)):
+            free = extent - 2 * shapes.MARGIN - side
+            if free > 1:
+                low, high = shapes.FRAMING
+                assert low - 1e-3 <= (start - shapes.MARGIN) / free <= high + 1e-3
         drawn = np.abs(image - np.array(shapes.BACKGROUND)).sum(axis=2) > 0
         rows, cols = np.flatnonzero(drawn.any(axis=1)), np.flatnonzero(drawn.any(axis=0))
         assert math.floor(top) <= rows[0] and rows[-1] < math.ceil(top + box_h)  # nothing drawn outside the box
@@ -142,11 +148,11 @@ def object_in_crop(meta: dict, batch: dict, index: int) -> tuple[float, float, f
 
 
 def test_training_loader_random_crops_cut_objects(tmp_path):
-    """Random crops at base_resolution 64 cut a measurable share of objects (the effect crop
+    """Random square crops at 64 (the study's loader setting) cut a measurable share of objects (the effect crop
     conditioning must undo), and touches_border sees exactly those cuts on the loader's pixels."""
     shapes.build_shapes_dataset(tmp_path, num_samples=192, seed=3, samples_per_shard=64)
     truth = {sample["key"]: sample["meta"] for sample in read_samples(tmp_path)}
-    loader = BucketedLoader(str(tmp_path / "*.tar"), batch_size=8, base_resolution=64, crop="random",
+    loader = BucketedLoader(str(tmp_path / "*.tar"), batch_size=8, square_size=64, crop="random",
                             seed=0, shuffle_buffer=32, num_epochs=1)  # fmt: skip
     seen = cut = batches = batches_with_cut = agree = compared = 0
     for batch in loader:

@@ -1,14 +1,15 @@
 """SDXL's conditioning effects in miniature (paper section 2.2), as one command on a CPU.
 
-    python -m sgm.eval.conditioning_study                  # the full study (about 45 min on 2 cores)
+    python -m sgm.eval.conditioning_study                  # the full study (about 55 min on 2 cores)
     python -m sgm.eval.conditioning_study --quick --out /tmp/study   # the pipeline end to end in minutes
     python -m sgm.eval.conditioning_study --report-only          # rewrite report.md from results.json + samples
 
 Steps (each skipped when its output is already there, so a rerun continues where it stopped):
 1. the synthetic shapes data (data/build_shapes_dataset.py): ground-truth objects saved at many sizes;
 2. the study model's VAE, trained with sgm.training.vae_training (no released VAE fits a tiny model);
-3. four diffusion models through the normal `train.py` path, experiment=conditioning_study/<variant>:
-   `full` (size + crop conditioning, as SDXL), `no_crop`, `no_size` and `none`; same data, seed, steps;
+3. diffusion models through the normal `train.py` path, experiment=conditioning_study/<variant>:
+   `full` (size + crop conditioning, as SDXL) and `none` by default, `no_crop` / `no_size` (one input
+   each) with --variants; same data, seed, steps;
 4. samples under each condition (same prompts and per-image seeds everywhere), scored by
    sgm.eval.conditioning_metrics (border cut, edge sharpness, colour and shape named in the prompt);
 5. a calibration on training crops drawn through the same loader (sgm.eval.study_calibration): the
@@ -60,7 +61,9 @@ class StudySettings:
     resolution: int = 64  # square random crops (experiment=conditioning_study)
     vae_steps: int = 1200
     vae_lr: float = 1.0e-3
-    variants: tuple[str, ...] = ("full", "no_size", "none")  # 3 of the 2 x 2 (no_crop: --variants, +~12 min)
+    # the two the paper contrasts (SDXL's conditioning, and neither): no_size / no_crop isolate one input each
+    # (--variants full no_size none); each model added costs about a third more training time
+    variants: tuple[str, ...] = ("full", "none")
     train_steps: int = 3000  # per diffusion model
     lr: float = 1.0e-3
     batch_size: int = 16
@@ -68,13 +71,16 @@ class StudySettings:
     seeds_per_prompt: int = 4  # samples per condition = 12 prompts x this
     sampler_steps: int = 20  # DPM++ 2M
     guidance_scale: float = 5.0
-    reference_size: int = 128  # original_size (square) used for the crop conditions
+    reference_size: int = 128  # square original_size of the crop (0, 0) comparisons (a square is never cropped)
     # original_size_as_tuple (square) sweep: up to `resolution` training images of that size were upscaled
     # (the verdict's range); above it every one was downscaled, so no further rise is expected
     sizes: tuple[int, ...] = (24, 32, 48, 64, 128, 256)
-    crops: tuple[tuple[int, int], ...] = ((0, 0), (0, 16), (16, 0))  # crop_coords_top_left sweep
+    # crop_coords_top_left sweep at a wide original (h, w): at the training resolution only its width is cropped
+    # (left 0..resolution), so these crops are ones the models saw, and they move a centred object across the frame
+    shift_original: tuple[int, int] = (128, 256)
+    crops: tuple[tuple[int, int], ...] = ((0, 0), (0, 32), (0, 64))
     threads: int = 2  # torch threads in all (the study's own process, the VAE; split between parallel trainings)
-    parallel_trainings: int = 3  # variants trained at once
+    parallel_trainings: int = 2  # variants trained at once
     calibration_images: int = 512  # training crops measured (and VAE round-tripped) for the data reference
     use_images: int = 256  # of those, the crops each model's conditioning use is measured on
     use_sigmas: tuple[float, ...] = (0.3, 1.0, 3.0, 10.0)  # noise levels of that measurement
@@ -90,33 +96,38 @@ class Condition:
     """One sampling condition: a model variant and the micro-conditioning values it is sampled with."""
 
     variant: str
-    original_size: int  # square original_size_as_tuple
+    original_size: tuple[int, int]  # original_size_as_tuple (h, w)
     crop: tuple[int, int]  # crop_coords_top_left
 
     @property
     def label(self) -> str:
-        return f"{self.variant} size={self.original_size} crop={self.crop[0]},{self.crop[1]}"
+        height, width = self.original_size
+        size = f"{height}" if height == width else f"{height}x{width}"
+        return f"{self.variant} size={size} crop={self.crop[0]},{self.crop[1]}"
 
 
 def conditions(settings: StudySettings) -> list[Condition]:
-    """Every (variant, size, crop) the report's tables need, once each. A model without size (crop)
-    conditioning cannot be told those values, so it is sampled at the reference size (crop (0, 0))."""
-    ref, origin = settings.reference_size, (0, 0)
-    wanted = [Condition("full", ref, crop) for crop in settings.crops]
-    wanted += [Condition("no_size", ref, crop) for crop in settings.crops[:2]]
-    wanted += [Condition(variant, size, origin) for variant in ("full", "no_crop") for size in settings.sizes]
-    wanted += [Condition(variant, ref, origin) for variant in ("no_crop", "none")]
+    """Every (variant, size, crop) the report's tables need, once each: crop (0, 0) at the square reference
+    size for every variant; the crop sweep at the wide original for the crop-conditioned ones; the size sweep
+    (square, crop (0, 0)) for the size-conditioned ones. A model without size (crop) conditioning ignores the
+    size (crop) it is passed."""
+    ref, wide, origin = (settings.reference_size,) * 2, tuple(settings.shift_original), (0, 0)
+    wanted = [Condition(variant, ref, origin) for variant in ALL_VARIANTS]
+    wanted += [Condition(variant, wide, crop) for variant in ("full", "no_size") for crop in settings.crops]
+    wanted += [Condition(variant, (size, size), origin) for variant in ("full", "no_crop") for size in settings.sizes]
     return [c for c in dict.fromkeys(wanted) if c.variant in settings.variants]
 
 
 def build_data(out: Path, settings: StudySettings) -> bool:
     """The shapes shards under out/data (kept when built with the same settings); True when built now."""
     stamp = out / "data" / "_study_data.json"
+    sys.path.insert(0, str(REPO))  # data/ is a folder of scripts next to the package
+    from data.build_shapes_dataset import FRAMING, build_shapes_dataset
+
     wanted = {k: getattr(settings, k) for k in ("num_samples", "seed", "min_side", "max_side")}
+    wanted["framing"] = list(FRAMING)  # data from before objects were framed near the centre is rebuilt
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         return False
-    sys.path.insert(0, str(REPO))  # data/ is a folder of scripts next to the package
-    from data.build_shapes_dataset import build_shapes_dataset
 
     build_shapes_dataset(out / "data", settings.num_samples, settings.seed, samples_per_shard=256,
                          min_side=settings.min_side, max_side=settings.max_side)  # fmt: skip
@@ -217,7 +228,7 @@ def sample_condition(model: Any, condition: Condition, settings: StudySettings) 
         model.model, prompts, size, size, negative_prompts=[""] * len(prompts), zero_uncond_text=False,
         sampler=DPMPP2MSampler(num_steps=settings.sampler_steps), denoiser=model.denoiser,
         guidance_scale=settings.guidance_scale, seed=seeds,
-        original_size=(condition.original_size, condition.original_size), crop_coords_top_left=condition.crop,
+        original_size=condition.original_size, crop_coords_top_left=condition.crop,
         target_size=(size, size),
     )  # fmt: skip
     return latents_to_uint8(model.model, latents).numpy(), prompts

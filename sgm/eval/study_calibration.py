@@ -69,8 +69,9 @@ def _crop_rows(batch: Mapping[str, Any]) -> Iterator[tuple[np.ndarray, tuple[int
 
 
 def summarise_measures(measures: Sequence[Mapping[str, Any]], short_sides: Sequence[int], at_origin: Sequence[bool],
-                       sizes: Sequence[int]) -> dict[str, Any]:  # fmt: skip
-    """Cut fractions at crop (0, 0) / elsewhere and mean edge sharpness per original short-side bin."""
+                       sizes: Sequence[int], square: Sequence[bool] = ()) -> dict[str, Any]:  # fmt: skip
+    """Cut fractions at crop (0, 0) / elsewhere / from square originals (which a square crop never cuts into:
+    what the study's reference condition asks for) and mean edge sharpness per original short-side bin."""
     cut = [bool(m["cut_sides"]) for m in measures]
     sharpness = []
     for lo, hi in size_bins(sizes):
@@ -81,6 +82,7 @@ def summarise_measures(measures: Sequence[Mapping[str, Any]], short_sides: Seque
         "cut_at_origin": _fraction([c for c, o in zip(cut, at_origin) if o]),
         "cut_elsewhere": _fraction([c for c, o in zip(cut, at_origin) if not o]),
         "cut_all": _fraction(cut),
+        "cut_square_original": _fraction([c for c, q in zip(cut, square) if q]),
         "sharpness_by_short_side": sharpness,
     }
 
@@ -88,7 +90,7 @@ def summarise_measures(measures: Sequence[Mapping[str, Any]], short_sides: Seque
 @torch.no_grad()
 def data_reference(model: Any, batches: Sequence[Mapping[str, Any]], sizes: Sequence[int]) -> dict[str, Any]:
     """The sample measures on the training crops ("crops") and on their VAE round trip ("through_vae")."""
-    raw, decoded, short_sides, at_origin = [], [], [], []
+    raw, decoded, short_sides, at_origin, square = [], [], [], [], []
     for batch in batches:
         latents = model.encode_first_stage(pixels_to_unit_range(batch["jpg"]).float(), sample=False)
         round_trip = latents_to_uint8(model, latents).numpy()
@@ -97,10 +99,11 @@ def data_reference(model: Any, batches: Sequence[Mapping[str, Any]], sizes: Sequ
             decoded.append(analyse(again))
             short_sides.append(min(size))
             at_origin.append(crop == (0, 0))
+            square.append(size[0] == size[1])
     return {
         "images": len(raw),
-        "crops": summarise_measures(raw, short_sides, at_origin, sizes),
-        "through_vae": summarise_measures(decoded, short_sides, at_origin, sizes),
+        "crops": summarise_measures(raw, short_sides, at_origin, sizes, square),
+        "through_vae": summarise_measures(decoded, short_sides, at_origin, sizes, square),
     }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -28,12 +28,18 @@ CROP_COMPARISONS = (
 )
 
 
-def find(conditions: Sequence[Mapping[str, Any]], variant: str, size: int, crop: Sequence[int]) -> Mapping | None:
-    """The scored condition with these values, if the study sampled it."""
+def _height_width(size: int | Sequence[int]) -> tuple[int, int]:
+    """An original size as (h, w); a single number is a square one (results written before wide ones)."""
+    return (int(size), int(size)) if isinstance(size, int | float) else (int(size[0]), int(size[1]))
+
+
+def find(conditions: Sequence[Mapping[str, Any]], variant: str, size: int | Sequence[int], crop: Sequence[int]
+         ) -> Mapping | None:  # fmt: skip
+    """The scored condition with these values (size: square side or (h, w)), if the study sampled it."""
     for condition in conditions:
         if (
             condition["variant"] == variant
-            and condition["original_size"] == size
+            and _height_width(condition["original_size"]) == _height_width(size)
             and list(condition["crop"]) == list(crop)
         ):
             return condition
@@ -57,11 +63,22 @@ def status(direction: bool, p: float) -> str:
     return "shown" if p < ALPHA else f"direction only (p >= {ALPHA}: within noise)"
 
 
-def paired_rise_p(lower: Mapping[str, Any], higher: Mapping[str, Any]) -> tuple[float, float]:
-    """Mean sharpness rise from `lower` to `higher` over samples with the same prompt and seed (the
-    conditions share them), and its one-sided p-value (normal approximation of the paired mean)."""
-    pairs = [(a["sharpness"], b["sharpness"]) for a, b in zip(lower["samples"], higher["samples"])
-             if a["object_found"] and b["object_found"] and math.isfinite(a["sharpness"]) and math.isfinite(b["sharpness"])]  # fmt: skip
+def sample_sharpness(sample: Mapping[str, Any]) -> float:
+    return sample["sharpness"] if sample["object_found"] else math.nan
+
+
+def sample_centre_x(sample: Mapping[str, Any]) -> float:
+    """The object's horizontal centre as a fraction of the width (NaN without an object)."""
+    return sample["centre_yx"][1] if sample["object_found"] and sample.get("centre_yx") else math.nan
+
+
+def paired_rise_p(lower: Mapping[str, Any], higher: Mapping[str, Any],
+                  measure: Callable[[Mapping[str, Any]], float] = sample_sharpness) -> tuple[float, float]:  # fmt: skip
+    """Mean rise of `measure` (default: edge sharpness) from `lower` to `higher` over samples with the same
+    prompt and seed (the conditions share them), and its one-sided p-value (normal approximation of the
+    paired mean). Pairs where either side has no value (NaN) are left out."""
+    pairs = [(measure(a), measure(b)) for a, b in zip(lower["samples"], higher["samples"])]
+    pairs = [(a, b) for a, b in pairs if math.isfinite(a) and math.isfinite(b)]
     if len(pairs) < 2:
         return math.nan, 1.0
     rises = np.asarray([b - a for a, b in pairs])
@@ -87,8 +104,8 @@ def side_cut_fraction(condition: Mapping[str, Any], side: str) -> float:
     return sum(side in s["cut_sides"] for s in samples) / len(samples)
 
 
-def crop_verdicts(conditions: Sequence[Mapping[str, Any]], ref: int, crops: Sequence[Sequence[int]]) -> list[dict]:
-    """Border cut at crop (0, 0) with crop conditioning vs the model trained without it; framing shifts."""
+def crop_verdicts(conditions: Sequence[Mapping[str, Any]], ref: int) -> list[dict]:
+    """Border cut at crop (0, 0) (square original `ref`) with crop conditioning vs the model trained without it."""
     verdicts = []
     for variant, baseline_variant, what in CROP_COMPARISONS:
         ours, baseline = find(conditions, variant, ref, (0, 0)), find(conditions, baseline_variant, ref, (0, 0))
@@ -102,22 +119,33 @@ def crop_verdicts(conditions: Sequence[Mapping[str, Any]], ref: int, crops: Sequ
             "status": status(cut_a / n_a < cut_b / n_b, p),
             "numbers": f"{cut_a}/{n_a} = {cut_a / n_a:.1%} vs {cut_b}/{n_b} = {cut_b / n_b:.1%} (one-sided p = {p:.2g})",
         })  # fmt: skip
-    origin = find(conditions, "full", ref, (0, 0))
-    for crop in crops:
-        shifted = find(conditions, "full", ref, crop)
-        if origin is None or shifted is None or tuple(crop) == (0, 0):
+    return verdicts
+
+
+def mean_centre_x(condition: Mapping[str, Any]) -> float | None:
+    values = [x for x in map(sample_centre_x, condition["samples"]) if math.isfinite(x)]
+    return float(np.mean(values)) if values else None
+
+
+def shift_verdicts(conditions: Sequence[Mapping[str, Any]], original: Sequence[int], crops: Sequence[Sequence[int]]
+                   ) -> list[dict]:  # fmt: skip
+    """Other crop values shift the framing: at a wide original, a larger crop_left (more of the image cut
+    away on the left) moves the object to the left, paired by prompt and seed, for each crop-conditioned model."""
+    lefts = sorted({int(crop[1]) for crop in crops if int(crop[0]) == 0})
+    verdicts = []
+    for variant in ("full", "no_size"):
+        found = [(left, c) for left in lefts if (c := find(conditions, variant, original, (0, left)))]
+        if len(found) < 2:
             continue
-        sides = [side for side, value in (("top", crop[0]), ("left", crop[1])) if value > 0]
-        before = [side_cut_fraction(origin, side) for side in sides]
-        after = [side_cut_fraction(shifted, side) for side in sides]
-        n_a, n_b = shifted["count"], origin["count"]
-        # p of "the shifted crop cuts MORE on this side": the two-proportion test with the roles swapped
-        ps = [one_sided_p(round(b * n_b), n_b, round(a * n_a), n_a) for b, a in zip(before, after)]
+        falls = [paired_rise_p(later, earlier, sample_centre_x) for (_, earlier), (_, later) in pairwise(found)]
+        centres = ", ".join(f"{left}: {x:.2f}" if (x := mean_centre_x(c)) is not None else f"{left}: n/a"
+                            for left, c in found)  # fmt: skip
         verdicts.append({
-            "effect": f"crop ({crop[0]},{crop[1]}) shifts the framing: more objects cut at the {' and '.join(sides)}",
-            "status": status(all(a > b for a, b in zip(after, before)), max(ps)),
-            "numbers": ", ".join(f"{side}: {b:.1%} at (0,0) -> {a:.1%} (one-sided p = {p:.2g})"
-                                 for side, b, a, p in zip(sides, before, after, ps)),
+            "effect": (f"crop_left {' -> '.join(str(left) for left, _ in found)} at original "
+                       f"{original[0]}x{original[1]} shifts the framing: the object moves left ({variant})"),
+            "status": status(all(fall > 0 for fall, _ in falls), max(p for _, p in falls)),
+            "numbers": f"mean object centre x (fraction of the width) {centres}; paired moves "
+                       + ", ".join(f"{-fall:+.2f} (p = {p:.2g})" for fall, p in falls),
         })  # fmt: skip
     return verdicts
 
@@ -167,8 +195,10 @@ def colour_verdicts(conditions: Sequence[Mapping[str, Any]]) -> list[dict]:
 def all_verdicts(record: Mapping[str, Any]) -> list[dict]:
     """Every verdict, each {"effect", "status", "numbers", "shown"} ("shown": status == "shown")."""
     settings, conditions = record["settings"], record["conditions_with_samples"]
-    verdicts = [*crop_verdicts(conditions, settings["reference_size"], settings["crops"]),
-            *size_verdicts(conditions, settings["sizes"], settings["resolution"]), *colour_verdicts(conditions)]  # fmt: skip
+    wide = settings.get("shift_original", settings["reference_size"])  # results written before it: square
+    shifts = shift_verdicts(conditions, _height_width(wide), settings["crops"])
+    verdicts = [*crop_verdicts(conditions, settings["reference_size"]), *shifts,
+                *size_verdicts(conditions, settings["sizes"], settings["resolution"]), *colour_verdicts(conditions)]  # fmt: skip
     return [{**v, "shown": v["status"] == "shown"} for v in verdicts]
 
 
@@ -192,14 +222,17 @@ def sample_figure(images: Mapping[str, np.ndarray], seeds_per_prompt: int) -> Im
 
 
 def _table(conditions: Sequence[Mapping[str, Any]]) -> list[str]:
-    lines = ["| condition | samples | no object | border cut | cut top / left | edge sharpness (± s.e.) | colour | shape |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    header = ("| condition | samples | no object | border cut | cut top / left / right | object centre x | "
+              "edge sharpness (± s.e.) | colour | shape |")  # fmt: skip
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for c in conditions:
         mean, se, _ = sharpness_stats(c)
         sharp = f"{mean:.3f} ± {se or 0:.3f}" if mean is not None else "n/a"
+        sides = " / ".join(f"{side_cut_fraction(c, side):.1%}" for side in ("top", "left", "right"))
+        centre = mean_centre_x(c)
         lines.append(
-            f"| {c['label']} | {c['count']} | {c['no_object']} | {c['border_cut_fraction']:.1%} | "
-            f"{side_cut_fraction(c, 'top'):.1%} / {side_cut_fraction(c, 'left'):.1%} | {sharp} | "
+            f"| {c['label']} | {c['count']} | {c['no_object']} | {c['border_cut_fraction']:.1%} | {sides} | "
+            f"{'n/a' if centre is None else f'{centre:.2f}'} | {sharp} | "
             f"{c['colour_accuracy']:.1%} | {(c['shape_accuracy'] or 0):.1%} |"
         )
     return lines
@@ -234,10 +267,13 @@ def calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
         "## Calibration: what the training data shows, and what the models learned", "",
         (f"{data['images']} training crops drawn through the study's own loader (another data seed), measured "
         "as the samples are, as they are and after a round trip through the study VAE. A model that learned "
-        "crop conditioning would approach, at crop (0,0), the cut fraction of the crops recorded there; one that "
+        "size and crop conditioning would approach, at a square original and crop (0,0), the cut fraction of "
+        "the crops from square originals (a square crop of a square image cuts nothing away); one that "
         "learned size conditioning would span the round-tripped sharpness range."), "",
-        "| training crops | cut at crop (0,0) | cut at other crops | all |", "|---|---|---|---|",
-        *[f"| {name} | {_share(d['cut_at_origin'])} | {_share(d['cut_elsewhere'])} | {_share(d['cut_all'])} |"
+        "| training crops | cut at crop (0,0) | cut at other crops | from square originals | all |",
+        "|---|---|---|---|---|",
+        *[f"| {name} | {_share(d['cut_at_origin'])} | {_share(d['cut_elsewhere'])} | "
+          f"{_share(d.get('cut_square_original', {'count': 0}))} | {_share(d['cut_all'])} |"
           for name, d in (("as loaded", crops), ("through the VAE", vae))], "",
         "| original short side (px) | images | edge sharpness as loaded | through the VAE |", "|---|---|---|---|",
     ]  # fmt: skip
@@ -270,6 +306,11 @@ def _total_time(record: Mapping[str, Any]) -> str:
     return line
 
 
+def _size_text(settings: Mapping[str, Any]) -> str:
+    height, width = _height_width(settings.get("shift_original", settings["reference_size"]))
+    return f"{height}x{width} (h x w)"
+
+
 def markdown(record: Mapping[str, Any], verdicts: Sequence[Mapping[str, Any]]) -> str:
     s, vae = record["settings"], record["vae"]
     runs = record["runs"]
@@ -281,8 +322,8 @@ def markdown(record: Mapping[str, Any], verdicts: Sequence[Mapping[str, Any]]) -
         *[f"- **{v['status']}**: {v['effect']}: {v['numbers']}" for v in verdicts], "",
         "## Setup", "",
         (f"- Data: {s['num_samples']} synthetic images (data/build_shapes_dataset.py, seed {s['seed']}): one circle, "
-        f"square or triangle in red, green, blue or yellow on light grey; long side {s['min_side']}-{s['max_side']} px "
-        "(log-uniform), nine aspect "
+        f"square or triangle in red, green, blue or yellow on light grey, framed near the centre; long side "
+        f"{s['min_side']}-{s['max_side']} px (log-uniform), nine aspect "
         f"ratios; trained as {s['resolution']}x{s['resolution']} random square crops (small images upscaled)."),
         (f"- VAE (f=4, trained first: no released VAE fits a model this small): sgm.training.vae_training, "
         f"{vae['steps']} steps at lr {s['vae_lr']} ({vae['seconds']:.0f} s when it was trained), final L1 per "
@@ -293,9 +334,9 @@ def markdown(record: Mapping[str, Any], verdicts: Sequence[Mapping[str, Any]]) -
         + ", ".join(f"{v} (median {r.get('images_per_second_median', '?')} img/s)" for v, r in runs.items()) + ".",
         (f"- Sampling: DPM++ 2M, {s['sampler_steps']} steps, guidance {s['guidance_scale']} against the empty "
         f"caption, {len(record['prompts'])} prompts x {s['seeds_per_prompt']} seeds (seed = "
-        f"{s['seed']} + 1000 x prompt index + seed index) per condition; crop conditions at original size "
-        f"{s['reference_size']}x{s['reference_size']}; size conditions at crop (0, 0); target size "
-        f"{s['resolution']}x{s['resolution']}."),
+        f"{s['seed']} + 1000 x prompt index + seed index) per condition; crop (0, 0) comparisons at original size "
+        f"{s['reference_size']}x{s['reference_size']}; crop sweep at original {_size_text(s)}; size conditions "
+        f"(square) at crop (0, 0); target size {s['resolution']}x{s['resolution']}."),
         ("- Measures (sgm/eval/conditioning_metrics.py): border cut = the object's mask reaches the outermost "
         "row or column; edge sharpness = median edge slope / contrast (about 1 / edge width in px); colour "
         "and shape = nearest named colour / shape prototype vs the prompt. A sample with no object counts as "

@@ -33,6 +33,11 @@ def _height_width(size: int | Sequence[int]) -> tuple[int, int]:
     return (int(size), int(size)) if isinstance(size, int | float) else (int(size[0]), int(size[1]))
 
 
+def shift_original(settings: Mapping[str, Any]) -> tuple[int, int]:
+    """The original size (h, w) of the study's crop sweep (results written before it had one: the square reference)."""
+    return _height_width(settings.get("shift_original", settings["reference_size"]))
+
+
 def find(conditions: Sequence[Mapping[str, Any]], variant: str, size: int | Sequence[int], crop: Sequence[int]
          ) -> Mapping | None:  # fmt: skip
     """The scored condition with these values (size: square side or (h, w)), if the study sampled it."""
@@ -91,7 +96,7 @@ def paired_rise_p(lower: Mapping[str, Any], higher: Mapping[str, Any],
 
 def sharpness_stats(condition: Mapping[str, Any]) -> tuple[float | None, float | None, int]:
     """Mean edge sharpness, its standard error and the number of samples it is over."""
-    values = [s["sharpness"] for s in condition["samples"] if s["object_found"] and math.isfinite(s["sharpness"])]
+    values = [v for v in map(sample_sharpness, condition["samples"]) if math.isfinite(v)]
     if not values:
         return None, None, 0
     spread = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
@@ -195,8 +200,7 @@ def colour_verdicts(conditions: Sequence[Mapping[str, Any]]) -> list[dict]:
 def all_verdicts(record: Mapping[str, Any]) -> list[dict]:
     """Every verdict, each {"effect", "status", "numbers", "shown"} ("shown": status == "shown")."""
     settings, conditions = record["settings"], record["conditions_with_samples"]
-    wide = settings.get("shift_original", settings["reference_size"])  # results written before it: square
-    shifts = shift_verdicts(conditions, _height_width(wide), settings["crops"])
+    shifts = shift_verdicts(conditions, shift_original(settings), settings["crops"])
     verdicts = [*crop_verdicts(conditions, settings["reference_size"]), *shifts,
                 *size_verdicts(conditions, settings["sizes"], settings["resolution"]), *colour_verdicts(conditions)]  # fmt: skip
     return [{**v, "shown": v["status"] == "shown"} for v in verdicts]
@@ -307,7 +311,7 @@ def _total_time(record: Mapping[str, Any]) -> str:
 
 
 def _size_text(settings: Mapping[str, Any]) -> str:
-    height, width = _height_width(settings.get("shift_original", settings["reference_size"]))
+    height, width = shift_original(settings)
     return f"{height}x{width} (h x w)"
 
 

@@ -4,21 +4,11 @@
     python train.py name=run1 trainer.max_steps=500 strategy=ddp trainer.devices=2
     python train.py name=run1 resume=auto             # continue the newest checkpoint of outputs/runs/run1
 
-A thin Hydra entry point: everything it builds is in sgm/training and configured in configs/.
+The checkout's shortcut for `python -m sgm.train` (the thin Hydra entry point, which an installed package
+runs the same way): everything it builds is in sgm/training and configured in configs/.
 """
 
-from __future__ import annotations
-
-import hydra
-from omegaconf import DictConfig
-
-from sgm.training.run import run
-
-
-@hydra.main(version_base=None, config_path="configs", config_name="train")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
-
+from sgm.train import main
 
 if __name__ == "__main__":
     main()

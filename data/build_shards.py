@@ -57,10 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         source = Path(args.source[0])
         if not source.exists():
             raise ShardError(f"source {source} does not exist; pass an image folder or a .csv/.jsonl manifest")
-        if source.is_dir():
-            items = iter_folder(source)
-        else:
-            items = iter_manifest(source, args.path_column, args.caption_column)
+        items = iter_folder(source) if source.is_dir() else iter_manifest(source, args.path_column, args.caption_column)
         summary = build_shards(
             items,
             args.out,

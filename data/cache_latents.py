@@ -58,15 +58,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = CacheConfig(
-            model=args.model, checkpoint=args.checkpoint, base_resolution=args.base_resolution,
-            square_size=args.square_size, crop=args.crop, seed=args.seed, latent_mode=args.latent_mode,
-            vae_dtype=args.vae_dtype, storage_dtype=args.storage_dtype, text_embeddings=args.text_embeddings,
+            model=args.model,
+            checkpoint=args.checkpoint,
+            base_resolution=args.base_resolution,
+            square_size=args.square_size,
+            crop=args.crop,
+            seed=args.seed,
+            latent_mode=args.latent_mode,
+            vae_dtype=args.vae_dtype,
+            storage_dtype=args.storage_dtype,
+            text_embeddings=args.text_embeddings,
             min_size=args.min_size,
-        )  # fmt: skip
+        )
         rank_shards(args.shards, args.rank, args.world_size)  # bad paths fail before the model loads
         model = load_caching_model(config, device=args.device)
-        summary = cache_latents(model, args.shards, args.out, config, rank=args.rank, world_size=args.world_size,
-                                batch_size=args.batch_size, progress=not args.no_progress)  # fmt: skip
+        summary = cache_latents(
+            model,
+            args.shards,
+            args.out,
+            config,
+            rank=args.rank,
+            world_size=args.world_size,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

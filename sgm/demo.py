@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -37,16 +37,23 @@ def run(out_dir: Path, steps: int = 20, seed: int = 0, size: int = 64, config: s
     reloaded = build_model(config).eval()
     load_checkpoint(reloaded, checkpoint)
     probe = torch.randn(1, 4, size // 8, size // 8)
-    cond = model.conditioner({"txt": ["probe"], "original_size_as_tuple": torch.tensor([[size, size]]),
-                              "crop_coords_top_left": torch.tensor([[0, 0]]), "target_size_as_tuple": torch.tensor([[size, size]])})
+    cond = model.conditioner(
+        {
+            "txt": ["probe"],
+            "original_size_as_tuple": torch.tensor([[size, size]]),
+            "crop_coords_top_left": torch.tensor([[0, 0]]),
+            "target_size_as_tuple": torch.tensor([[size, size]]),
+        }
+    )
     with torch.no_grad():
         same = torch.equal(model(probe, torch.tensor([500]), cond), reloaded(probe, torch.tensor([500]), cond))
     if not same:
         raise RuntimeError("the reloaded checkpoint computes a different function: the save/load path is broken")
 
     started = time.perf_counter()
-    latents = generate_latents(reloaded, PROMPTS, size, size, sampler=DPMPP2MSampler(num_steps=steps),
-                               guidance_scale=5.0, seed=seed)
+    latents = generate_latents(
+        reloaded, PROMPTS, size, size, sampler=DPMPP2MSampler(num_steps=steps), guidance_scale=5.0, seed=seed
+    )
     images = latents_to_uint8(reloaded, latents)
     seconds = time.perf_counter() - started
     grid_path = out_dir / "samples.png"

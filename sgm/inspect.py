@@ -1,28 +1,24 @@
 """Inspect a model config or a .safetensors checkpoint.
 
-    python -m sgm.inspect sdxl_base            # parameter counts per component (built on meta)
-    python -m sgm.inspect sdxl_base --keys     # official-layout key<TAB>shape list
-    python -m sgm.inspect path/to/file.safetensors   # what the file holds and which model it matches
+python -m sgm.inspect sdxl_base            # parameter counts per component (built on meta)
+python -m sgm.inspect sdxl_base --keys     # official-layout key<TAB>shape list
+python -m sgm.inspect path/to/file.safetensors   # what the file holds and which model it matches
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
 from sgm.checkpoint.io import read_layout, read_metadata
-from sgm.checkpoint.official_layout import PARTS, part_of_key, to_official
-from sgm.models.build import build_model, shipped_model_configs
+from sgm.checkpoint.matching import match_file, official_layout_of
+from sgm.checkpoint.official_layout import part_of_key
+from sgm.models.build import shipped_model_configs
 
 _PART_PREFIX_DEPTH = {"unet": 2, "vae": 1, "text_encoders": 3}
-
-
-def official_layout_of(config: str) -> dict[str, tuple[int, ...]]:
-    """Official key -> shape of a model config, built on the meta device."""
-    model = build_model(config, device="meta")
-    return {k: tuple(v.shape) for k, v in to_official(model).items()}
 
 
 def group_counts(layout: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, int]]:
@@ -49,24 +45,6 @@ def format_counts(layout: Mapping[str, Sequence[int]]) -> str:
     return "\n".join(lines)
 
 
-def match_file(layout: Mapping[str, Sequence[int]]) -> list[str]:
-    """Shipped configs (and parts) whose official layout the file's tensors equal exactly."""
-    found = {k: tuple(v) for k, v in layout.items() if part_of_key(k) is not None}
-    present_parts = {part_of_key(k) for k in found}
-    matches = []
-    for name in shipped_model_configs():
-        expected = official_layout_of(name)
-        expected = {k: v for k, v in expected.items() if part_of_key(k) in present_parts}
-        optional = {k for k in expected if k.endswith(".position_ids")}
-        if {k: v for k, v in expected.items() if k not in optional} == {
-            k: v for k, v in found.items() if k not in optional
-        }:
-            parts = [p for p in PARTS if p in present_parts]
-            label = "full model" if len(parts) == len(PARTS) else "parts: " + ", ".join(parts)
-            matches.append(f"{name} ({label})")
-    return matches
-
-
 def inspect_file(path: str) -> str:
     header = read_layout(path)
     layout = {k: shape for k, (shape, _) in header.items()}
@@ -85,7 +63,9 @@ def inspect_file(path: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sgm.inspect", description=__doc__.splitlines()[0])
-    parser.add_argument("target", help=f"model config ({', '.join(shipped_model_configs())}, or a .yaml) or a .safetensors file")
+    parser.add_argument(
+        "target", help=f"model config ({', '.join(shipped_model_configs())}, or a .yaml) or a .safetensors file"
+    )
     parser.add_argument("--keys", action="store_true", help="print the official-layout key<TAB>shape list")
     args = parser.parse_args(argv)
     try:
@@ -107,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `... --keys | head`: the reader left; nothing is wrong
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's exit-time flush would raise again
+        return 0
 
 
 if __name__ == "__main__":

@@ -32,12 +32,18 @@ def parse_arguments(argv: Sequence[str]) -> tuple[Path, list[str], list[str], tu
     after it: overrides. Without `--`, arguments that start with '-' are sbatch options (write them --opt=value)."""
     argv = list(argv)
     cut = argv.index("--") if "--" in argv else None
-    parser = argparse.ArgumentParser(prog="python slurm/submit_stages.py", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python slurm/submit_stages.py",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
     parser.add_argument("--root", required=True, help="one folder per stage goes here (<root>/<stage>)")
-    parser.add_argument("--stages", default=",".join(STAGES),
-                        help="comma-separated consecutive stages to submit (default: all, from the first)")  # fmt: skip
+    parser.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help="comma-separated consecutive stages to submit (default: all, from the first)",
+    )
     args, rest = parser.parse_known_args(argv if cut is None else argv[:cut])
     stages = tuple(stage.strip() for stage in args.stages.split(",") if stage.strip())
     if cut is not None:
@@ -55,12 +61,16 @@ def check_stages(stages: Sequence[str], root: Path) -> None:
         raise ValueError(f"--stages: {problem}; the stages are {', '.join(STAGES)}")
     first = STAGES.index(stages[0])
     if tuple(stages) != STAGES[first : first + len(stages)]:
-        raise ValueError(f"--stages {','.join(stages)}: give consecutive stages in the order "
-                         f"{' -> '.join(STAGES)}, e.g. --stages {','.join(STAGES[first:])}")  # fmt: skip
+        raise ValueError(
+            f"--stages {','.join(stages)}: give consecutive stages in the order "
+            f"{' -> '.join(STAGES)}, e.g. --stages {','.join(STAGES[first:])}"
+        )
     parent = parent_of(stages[0])
     if parent is not None and not final_weights(parent, root).is_file():
-        raise ValueError(f"--stages {','.join(stages)}: {stages[0]} starts from {final_weights(parent, root)}, "
-                         f"which does not exist yet; add {parent} to --stages")  # fmt: skip
+        raise ValueError(
+            f"--stages {','.join(stages)}: {stages[0]} starts from {final_weights(parent, root)}, "
+            f"which does not exist yet; add {parent} to --stages"
+        )
 
 
 def submit_chain(
@@ -73,8 +83,13 @@ def submit_chain(
     for stage, stage_args in plans:
         dependency = [f"--dependency=afterok:{jobs[-1][1]}"] if jobs else []
         environment = {**os.environ, "JOB_NAME": f"sgm-{stage}"}
-        result = subprocess.run(["bash", str(SUBMIT), *dependency, *sbatch_options, "--", *stage_args],
-                                check=False, capture_output=True, text=True, env=environment)  # fmt: skip
+        result = subprocess.run(
+            ["bash", str(SUBMIT), *dependency, *sbatch_options, "--", *stage_args],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=environment,
+        )
         if result.returncode != 0:
             submitted = ", ".join(f"{s} {j}" for s, j in jobs) or "none"
             raise RuntimeError(

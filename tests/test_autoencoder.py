@@ -6,12 +6,12 @@ import os
 
 import pytest
 import torch
-
-from sgm.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from conftest import randomize_
 
+from sgm.models.autoencoder import AutoencoderKL, DiagonalGaussian
+
 VAE_PREFIX = "first_stage_model."
-TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4, norm_num_groups=8)
+TINY = {"ch": 32, "ch_mult": (1, 2), "num_res_blocks": 1, "z_channels": 4, "embed_dim": 4, "norm_num_groups": 8}
 
 
 def tiny_vae(seed: int = 0, **overrides) -> AutoencoderKL:

@@ -31,8 +31,28 @@ def test_flops_scale_with_batch():
 
 def test_main_runs_tiny_on_cpu_and_reports_positive_figures(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["--config", "tiny", "--resolution", "64", "--batch-size", "2", "--steps", "1", "--warmup", "0",
-                 "--device", "cpu", "--compare-diffusers", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--config",
+                "tiny",
+                "--resolution",
+                "64",
+                "--batch-size",
+                "2",
+                "--steps",
+                "1",
+                "--warmup",
+                "0",
+                "--device",
+                "cpu",
+                "--compare-diffusers",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "ours" in printed and "diffusers" in printed and "ours/diffusers" in printed
     results = json.loads(out.read_text())

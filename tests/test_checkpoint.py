@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import randomize_, tiny_batch
 from safetensors.torch import load_file, save_file
 
-from conftest import randomize_, tiny_batch
 from sgm.checkpoint.io import (
     CheckpointMismatchError,
     atomic_write,
@@ -157,7 +157,9 @@ def test_missing_clip_position_ids_are_tolerated(tmp_path: Path):
 
 
 def test_unknown_keys_outside_the_model_are_rejected(tmp_path: Path):
-    path = save_checkpoint(_fresh("tiny", 1), tmp_path / "x.safetensors", extra_tensors={"optimizer.step": torch.zeros(1)})
+    path = save_checkpoint(
+        _fresh("tiny", 1), tmp_path / "x.safetensors", extra_tensors={"optimizer.step": torch.zeros(1)}
+    )
     with pytest.raises(CheckpointMismatchError, match="optimizer.step"):
         load_checkpoint(_fresh("tiny", 2), path)
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import fresh_tiny_model, tiny_batch
+
 from sgm.models.build import build_model
 from sgm.models.conditioner import Conditioner, FourierEmbedder
 
@@ -136,8 +136,10 @@ def test_dimension_mismatch_between_conditioner_and_unet_is_caught():
 
 # -- precomputed (cached) text embeddings ------------------------------------------------------------
 def cached_text(conditioner, captions, dtype=torch.float32) -> dict:
-    return {i: tuple(o.to(dtype) for o in conditioner.embedder_outputs(i, captions))
-            for i in conditioner.text_embedder_indices()}  # fmt: skip
+    return {
+        i: tuple(o.to(dtype) for o in conditioner.embedder_outputs(i, captions))
+        for i in conditioner.text_embedder_indices()
+    }
 
 
 def test_cached_text_embeddings_give_the_computed_conditioning(tiny):

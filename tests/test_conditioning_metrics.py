@@ -1,6 +1,6 @@
 """The study's image measures on ground-truth renders: exact on clean ones, robust to mild damage.
 
-Renders come from the dataset generator (data/build_shapes_dataset.py), so every image has a
+Renders come from the dataset generator (sgm.eval.shapes_dataset), so every image has a
 known shape, colour and placement; "small then upscaled" uses Pillow's bicubic resize, as the
 training loader does.
 """
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from data import build_shapes_dataset as shapes
 from sgm.eval import conditioning_metrics as cm
+from sgm.eval import shapes_dataset as shapes
 from sgm.eval.masks import background_colour, find_object, largest_component
 
 RATIOS = ((1, 1), (1, 2), (2, 1), (3, 4))

@@ -82,8 +82,10 @@ def test_quick_study_runs_every_step_through_the_normal_paths(quick):
     assert set(calibration["conditioning_use"]["none"]) == {"txt"}  # no size or crop input to swap
     assert "## Calibration" in text and "| full | crop |" in text and "| none | caption (yardstick) |" in text
     with Image.open(out / "samples.png") as figure:
-        assert figure.size == (report.LABEL_WIDTH + len(study.PROMPTS) * settings.resolution,
-                               len(labels) * (settings.resolution + 2))  # fmt: skip
+        assert figure.size == (
+            report.LABEL_WIDTH + len(study.PROMPTS) * settings.resolution,
+            len(labels) * (settings.resolution + 2),
+        )
 
 
 @pytest.mark.slow
@@ -155,15 +157,33 @@ def test_random_patch_is_a_window_of_the_batch():
     assert random_patch(images, 0, torch.Generator()) is images
 
 
-def _condition(variant: str, size: int | tuple[int, int], crop: tuple[int, int], cut: list[list[str]],
-               sharp: list[float], colours_right: int, centre_x: list[float] | None = None) -> dict:  # fmt: skip
+def _condition(
+    variant: str,
+    size: int | tuple[int, int],
+    crop: tuple[int, int],
+    cut: list[list[str]],
+    sharp: list[float],
+    colours_right: int,
+    centre_x: list[float] | None = None,
+) -> dict:
     centre_x = centre_x or [0.5] * len(cut)
-    samples = [{"object_found": True, "touches_border": bool(sides), "cut_sides": sides, "sharpness": s,
-                "centre_yx": [0.5, x]} for sides, s, x in zip(cut, sharp, centre_x)]  # fmt: skip
+    samples = [
+        {"object_found": True, "touches_border": bool(sides), "cut_sides": sides, "sharpness": s, "centre_yx": [0.5, x]}
+        for sides, s, x in zip(cut, sharp, centre_x)
+    ]
     count = len(samples)
-    return {"variant": variant, "original_size": size, "crop": list(crop), "label": f"{variant} {size} {crop}",
-            "count": count, "no_object": 0, "border_cut_fraction": sum(bool(c) for c in cut) / count,
-            "colour_accuracy": colours_right / count, "shape_accuracy": 1.0, "samples": samples}  # fmt: skip
+    return {
+        "variant": variant,
+        "original_size": size,
+        "crop": list(crop),
+        "label": f"{variant} {size} {crop}",
+        "count": count,
+        "no_object": 0,
+        "border_cut_fraction": sum(bool(c) for c in cut) / count,
+        "colour_accuracy": colours_right / count,
+        "shape_accuracy": 1.0,
+        "samples": samples,
+    }
 
 
 def test_verdicts_follow_the_numbers():

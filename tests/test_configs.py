@@ -32,6 +32,8 @@ def test_every_shipped_config_loads_and_instantiates(relative, tmp_path_factory)
         check_train_config(relative, tmp_path_factory.mktemp("train"))
     elif relative.startswith("hydra/launcher/"):
         check_launcher_config(relative)
+    elif relative.startswith("hydra/job_logging/"):
+        _check_job_logging_config(relative)
     else:  # pragma: no cover - other groups arrive with the training issue
         pytest.fail(f"no loader test for config group '{group}' yet: add one here")
 
@@ -39,6 +41,18 @@ def test_every_shipped_config_loads_and_instantiates(relative, tmp_path_factory)
 def test_unknown_config_name_lists_the_shipped_ones():
     with pytest.raises(ValueError, match="shipped configs: .*sdxl_base"):
         load_model_config("sdxl_tiny_typo")
+
+
+def _check_job_logging_config(relative: str) -> None:
+    """train.yaml's job logging: console handlers only (train.log is opened after the checks, by the run)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(config_root()), version_base=None):
+        cfg = compose(config_name="train", return_hydra_config=True)
+    shipped = OmegaConf.load(config_root() / relative)
+    assert OmegaConf.to_container(cfg.hydra.job_logging) == OmegaConf.to_container(shipped)
+    handlers = OmegaConf.to_container(cfg.hydra.job_logging.handlers)
+    assert handlers and not any("File" in handler["class"] for handler in handlers.values())
 
 
 def _check_data_config(cfg, tmp_path_factory) -> None:

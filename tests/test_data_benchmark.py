@@ -10,8 +10,26 @@ from sgm.benchmarks.data_loader import main, make_jpeg_shards
 def test_benchmark_reports_positive_figures(tmp_path, capsys) -> None:
     shards = make_jpeg_shards(tmp_path / "jpeg", num_shards=2, per_shard=3, sizes=((96, 128), (128, 96), (80, 80)))
     out = tmp_path / "bench.json"
-    argv = ["--shards", *shards, "--resolution", "64", "--workers", "1", "--batches", "2", "--batch-size", "2",
-            "--repeats", "1", "--latent-samples", "16", "--work-dir", str(tmp_path), "--json", str(out)]  # fmt: skip
+    argv = [
+        "--shards",
+        *shards,
+        "--resolution",
+        "64",
+        "--workers",
+        "1",
+        "--batches",
+        "2",
+        "--batch-size",
+        "2",
+        "--repeats",
+        "1",
+        "--latent-samples",
+        "16",
+        "--work-dir",
+        str(tmp_path),
+        "--json",
+        str(out),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "overhead" in printed and "samples/cpu-s" in printed

@@ -53,8 +53,10 @@ def test_scaled_tables(base: int, multiple: int) -> None:
     assert all(0.75 * base**2 <= h * w <= 1.25 * base**2 for h, w in table)
     # each bucket is a paper bucket scaled by base/1024 with sides rounded to the nearest multiple
     for h, w in table:
-        assert any(abs(h - ph * base / 1024) <= multiple / 2 and abs(w - pw * base / 1024) <= multiple / 2
-                   for ph, pw in SDXL_BUCKETS_1024), (h, w)
+        assert any(
+            abs(h - ph * base / 1024) <= multiple / 2 and abs(w - pw * base / 1024) <= multiple / 2
+            for ph, pw in SDXL_BUCKETS_1024
+        ), (h, w)
     assert len(table) <= len(SDXL_BUCKETS_1024)
 
 

@@ -26,7 +26,10 @@ def resized_reference(image: Image.Image, bucket: tuple[int, int]) -> np.ndarray
     """The whole resized image, computed independently of resize_and_crop."""
     height, width = image.height, image.width
     scale = max(bucket[0] / height, bucket[1] / width)
-    resized_h, resized_w = max(bucket[0], int(np.ceil(height * scale - 1e-9))), max(bucket[1], int(np.ceil(width * scale - 1e-9)))
+    resized_h, resized_w = (
+        max(bucket[0], int(np.ceil(height * scale - 1e-9))),
+        max(bucket[1], int(np.ceil(width * scale - 1e-9))),
+    )
     return np.asarray(image.resize((resized_w, resized_h), Image.Resampling.BICUBIC))
 
 

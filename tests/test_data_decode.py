@@ -36,11 +36,7 @@ def png_bytes(width: int, height: int, bit_depth: int, color_type: int, raw: byt
 
     header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
     return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + extra
-        + chunk(b"IDAT", zlib.compress(raw))
-        + chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + extra + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
     )
 
 
@@ -83,7 +79,9 @@ def test_rgba_transparent_pixels_become_the_background(background, fmt) -> None:
     alpha[:, :10] = 0
     alpha[:, 10] = 128
     kwargs = {"lossless": True, "exact": True} if fmt == "WEBP" else {}
-    decoded = as_array(decode_image(encode(Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), fmt, **kwargs), background))
+    decoded = as_array(
+        decode_image(encode(Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), fmt, **kwargs), background)
+    )
     np.testing.assert_array_equal(decoded[:, :10], np.broadcast_to(background, (20, 10, 3)))
     np.testing.assert_array_equal(decoded[:, 11:], rgb[:, 11:])
     blend = rgb[:, 10].astype(np.float64) * 128 / 255 + np.array(background) * 127 / 255
@@ -201,7 +199,9 @@ def test_float_tiff_scaled_by_its_range() -> None:
     wide = np.array([[-5.0, 2.5, 10.0]], dtype=np.float32)  # outside [0, 255]: min-max
     np.testing.assert_array_equal(as_array(decode_image(encode(Image.fromarray(wide), "TIFF")))[0, :, 0], [0, 128, 255])
     byte_range = np.array([[0.0, 17.0, 200.0]], dtype=np.float32)  # within [0, 255]: kept
-    np.testing.assert_array_equal(as_array(decode_image(encode(Image.fromarray(byte_range), "TIFF")))[0, :, 0], [0, 17, 200])
+    np.testing.assert_array_equal(
+        as_array(decode_image(encode(Image.fromarray(byte_range), "TIFF")))[0, :, 0], [0, 17, 200]
+    )
 
 
 def test_int32_gray_treated_as_sixteen_bit() -> None:
@@ -266,7 +266,10 @@ def bilevel_png(width: int, height: int) -> bytes:
 
 BAD_INPUTS = {
     "empty": (lambda: b"", "empty_file"),
-    "random_bytes": (lambda: np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes(), "unknown_format"),
+    "random_bytes": (
+        lambda: np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+        "unknown_format",
+    ),
     "text": (lambda: b"<html><body>404 Not Found</body></html>\n" * 20, "unknown_format"),
     "truncated_jpeg": (lambda: truncated("JPEG"), "truncated_image"),
     "truncated_png": (lambda: truncated("PNG"), "truncated_image"),
@@ -328,7 +331,11 @@ def test_mutated_files_only_ever_raise_bad_sample() -> None:
 
 def test_bad_sample_round_trips_through_pickle_and_rejects_unknown_reasons() -> None:
     error = pickle.loads(pickle.dumps(BadSample("truncated_image", "cut at 100 bytes")))
-    assert (error.reason, error.detail, str(error)) == ("truncated_image", "cut at 100 bytes", "truncated_image: cut at 100 bytes")
+    assert (error.reason, error.detail, str(error)) == (
+        "truncated_image",
+        "cut at 100 bytes",
+        "truncated_image: cut at 100 bytes",
+    )
     with pytest.raises(ValueError, match="unknown bad-sample reason"):
         BadSample("oops", "")
     with pytest.raises(ValueError, match="background"):

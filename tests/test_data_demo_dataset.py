@@ -13,7 +13,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from data import build_demo_dataset as demo
+from sgm.data import demo_dataset as demo
 from sgm.data.shards import ShardError
 
 HAVE_FONT_PACKAGE = importlib.util.find_spec(demo.DEMO_MODULE) is not None
@@ -70,7 +70,7 @@ def test_sizes_ratios_formats(demo_out):
             assert image.size == (meta["original_width"], meta["original_height"])  # saved at its own size
             assert image.format == {"png": "PNG", "jpg": "JPEG"}[sample["ext"]]
         width, height = image.size
-        assert demo.MIN_SIDE <= min(width, height) and max(width, height) <= demo.MAX_SIDE
+        assert min(width, height) >= demo.MIN_SIDE and max(width, height) <= demo.MAX_SIDE
         ratios.add(round(height / width, 1))
         exts.add(sample["ext"])
     assert len(ratios) >= 5 and min(ratios) <= 0.5 and max(ratios) >= 2.0
@@ -95,7 +95,7 @@ def test_captions_are_honest(demo_out):
         assert caption.startswith(drawn)
         top, left, box_h, box_w = meta["emoji_box_top_left_height_width"]
         height, width = meta["original_height"], meta["original_width"]
-        assert 0 <= top and top + box_h <= height and 0 <= left and left + box_w <= width
+        assert top >= 0 and top + box_h <= height and left >= 0 and left + box_w <= width
         centre_y, centre_x = (top + box_h / 2) / height, (left + box_w / 2) / width
         place = caption.rsplit(", ", 1)[1]
         assert place.startswith(("at the ", "in the centre"))

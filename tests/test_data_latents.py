@@ -33,8 +33,14 @@ from sgm.diffusion.noise_levels import DiscreteTimestepSampler
 from sgm.diffusion.weighting import EpsWeighting
 
 NAMES = ["shard-0.tar", "shard-1.tar", "shard-2.tar"]
-MEAN = {"base_resolution": 64, "crop": "center", "latent_mode": "mean", "storage_dtype": "float32",
-        "text_embeddings": True, "seed": 1}  # fmt: skip
+MEAN = {
+    "base_resolution": 64,
+    "crop": "center",
+    "latent_mode": "mean",
+    "storage_dtype": "float32",
+    "text_embeddings": True,
+    "seed": 1,
+}
 FAST = {"square_size": 32, "latent_mode": "mean", "seed": 2}
 
 
@@ -75,8 +81,10 @@ def by_key(batches) -> dict[str, dict]:
     rows = {}
     for batch in batches:
         for i, key in enumerate(batch["__key__"]):
-            rows[key] = {name: value[i] if not isinstance(value, dict) else {k: tuple(t[i] for t in v)
-                         for k, v in value.items()} for name, value in batch.items()}  # fmt: skip
+            rows[key] = {
+                name: value[i] if not isinstance(value, dict) else {k: tuple(t[i] for t in v) for k, v in value.items()}
+                for name, value in batch.items()
+            }
     return rows
 
 
@@ -124,8 +132,14 @@ def test_posterior_samples_are_seeded_and_crops_follow_the_image_stream(model, d
     cache_latents(model, shard, tmp_path / "a", config, batch_size=2, progress=False)
     cache_latents(model, shard, tmp_path / "b", config, batch_size=2, progress=False)
     assert (tmp_path / "a/shard-1.tar").read_bytes() == (tmp_path / "b/shard-1.tar").read_bytes()
-    stream = StreamConfig(shards=(shard,), buckets=tuple(bucket_table(64)), batch_size=1, shuffle_buffer=0,
-                          num_epochs=1, seed=shard_seed(5, "shard-1.tar"))  # fmt: skip
+    stream = StreamConfig(
+        shards=(shard,),
+        buckets=tuple(bucket_table(64)),
+        batch_size=1,
+        shuffle_buffer=0,
+        num_epochs=1,
+        seed=shard_seed(5, "shard-1.tar"),
+    )
     images = by_key(batch for batch, _ in SlotStream(stream, 0, 1) if batch is not None)
     noise = []
     for raw in iter_shard(str(tmp_path / "a/shard-1.tar"), lambda *_: None):
@@ -136,15 +150,19 @@ def test_posterior_samples_are_seeded_and_crops_follow_the_image_stream(model, d
             assert meta[name] == image[name].tolist(), name
         with torch.no_grad():
             posterior = model.vae.encode(pixels(image))
-        noise.append(((torch.from_numpy(latent.astype("float32")) / model.scale_factor - posterior.mean[0])
-                      / posterior.std[0]).flatten())  # fmt: skip
+        noise.append(
+            (
+                (torch.from_numpy(latent.astype("float32")) / model.scale_factor - posterior.mean[0]) / posterior.std[0]
+            ).flatten()
+        )
     noise = torch.cat(noise)
     assert len(images) == 4 and noise.numel() > 500
     assert abs(noise.mean().item()) < 0.15 and abs(noise.std().item() - 1.0) < 0.15
 
 
-def test_restart_skips_completed_shards_and_settings_are_guarded(model, dataset, fast_cache, tmp_path,
-                                                                 monkeypatch) -> None:  # fmt: skip
+def test_restart_skips_completed_shards_and_settings_are_guarded(
+    model, dataset, fast_cache, tmp_path, monkeypatch
+) -> None:
     calls, encode = [], model.vae.encode
 
     def crash_on_second_shard(images):
@@ -201,9 +219,13 @@ def test_bfloat16_vae_caches_close_latents_and_the_dtype_is_checked(model, datas
     bf16 = copy.deepcopy(model)
     bf16.vae.to(torch.bfloat16)
     cache_latents(bf16, shard, tmp_path / "bf16", CacheConfig(**FAST, vae_dtype="bfloat16"), progress=False)
-    read = [{raw["__key__"]: torch.from_numpy(read_npy(raw["latent.npy"]).astype("float32"))
-             for raw in iter_shard(str(root / "shard-0.tar"), lambda *_: None)}
-            for root in (tmp_path / "bf16", fast_cache)]  # fmt: skip
+    read = [
+        {
+            raw["__key__"]: torch.from_numpy(read_npy(raw["latent.npy"]).astype("float32"))
+            for raw in iter_shard(str(root / "shard-0.tar"), lambda *_: None)
+        }
+        for root in (tmp_path / "bf16", fast_cache)
+    ]
     assert sorted(read[0]) == sorted(read[1])
     for key, latent in read[0].items():
         torch.testing.assert_close(latent, read[1][key], rtol=0.05, atol=0.05 * read[1][key].abs().max().item())
@@ -219,15 +241,24 @@ def bad_latent_shard(root: Path, good: Path) -> str:
     members += [("nojson.latent.npy", ok["latent.npy"]), ("nojson.text.safetensors", ok["text.safetensors"])]
     members += [("nocrop.latent.npy", ok["latent.npy"]), ("nocrop.json", b'{"caption": "x"}')]
     members += [("notext.latent.npy", ok["latent.npy"]), ("notext.json", ok["json"])]
-    members += [("badtext.latent.npy", ok["latent.npy"]), ("badtext.json", ok["json"]),
-                ("badtext.text.safetensors", b"not safetensors")]  # fmt: skip
+    members += [
+        ("badtext.latent.npy", ok["latent.npy"]),
+        ("badtext.json", ok["json"]),
+        ("badtext.text.safetensors", b"not safetensors"),
+    ]
     return write_shard(root / "bad.tar", members)
 
 
 def test_latent_loader_groups_by_shape_resumes_exactly_and_counts_bad(mean_cache, tmp_path) -> None:
     shards = sorted(str(p) for p in mean_cache.glob("*.tar")) + [bad_latent_shard(tmp_path, mean_cache)]
-    options = {"batch_size": 2, "shuffle_buffer": 4, "seed": 7, "text_embeddings": True, "max_bad_fraction": 1.0,
-               "min_seen_for_check": 0}  # fmt: skip
+    options = {
+        "batch_size": 2,
+        "shuffle_buffer": 4,
+        "seed": 7,
+        "text_embeddings": True,
+        "max_bad_fraction": 1.0,
+        "min_seen_for_check": 0,
+    }
     finite = LatentLoader(shards, num_epochs=1, **options)
     keys = []
     for batch in finite:
@@ -238,8 +269,13 @@ def test_latent_loader_groups_by_shape_resumes_exactly_and_counts_bad(mean_cache
         size = len(batch["__key__"])
         assert [t.shape for t in batch["cached_embeddings"][1]] == [(size, 77, 64), (size, 64)]
     assert len(keys) == len(set(keys)) == 13 and "fine" in keys
-    assert finite.bad_counts() == {"missing_latent": 1, "bad_latent": 1, "bad_conditioning": 2,
-                                   "missing_text_embeddings": 1, "bad_text_embeddings": 1}  # fmt: skip
+    assert finite.bad_counts() == {
+        "missing_latent": 1,
+        "bad_latent": 1,
+        "bad_conditioning": 2,
+        "missing_text_embeddings": 1,
+        "bad_text_embeddings": 1,
+    }
 
     def take(loader, count):
         iterator = iter(loader)
@@ -266,8 +302,12 @@ def test_training_loss_from_cache_equals_loss_from_images(model, dataset, mean_c
         row, image = cached[key], images[key]
         with torch.no_grad():
             live_cond = model.conditioner({"txt": [image["txt"]], **{n: image[n][None] for n in sizes}})
-            live = loss_fn(model.unet, model.encode_first_stage(pixels(image), sample=False), live_cond,
-                           generator=torch.Generator().manual_seed(seed))  # fmt: skip
+            live = loss_fn(
+                model.unet,
+                model.encode_first_stage(pixels(image), sample=False),
+                live_cond,
+                generator=torch.Generator().manual_seed(seed),
+            )
             embeddings = {i: tuple(t[None] for t in parts) for i, parts in row["cached_embeddings"].items()}
             cond = model.conditioner({"cached_embeddings": embeddings, **{n: row[n][None] for n in sizes}})
             loss = loss_fn(model.unet, row["latents"][None], cond, generator=torch.Generator().manual_seed(seed))
@@ -280,8 +320,9 @@ def test_aesthetic_score_passes_through_the_cache(model, tmp_path) -> None:
     scored[1] = ("scored.json", json.dumps({"aesthetic_score": 6.5}).encode())
     shard = write_shard(tmp_path / "aes.tar", scored + sample_members("plain", 48, 48, seed=2))
     cache_latents(model, shard, tmp_path / "out", CacheConfig(**FAST), progress=False)
-    with_default = next(iter(LatentLoader(str(tmp_path / "out/aes.tar"), batch_size=2, num_epochs=1,
-                                          default_aesthetic_score=5.0)))  # fmt: skip
+    with_default = next(
+        iter(LatentLoader(str(tmp_path / "out/aes.tar"), batch_size=2, num_epochs=1, default_aesthetic_score=5.0))
+    )
     scores = dict(zip(with_default["__key__"], with_default["aesthetic_score"].tolist()))
     assert scores == {"scored": 6.5, "plain": 5.0}
     without = next(iter(LatentLoader(str(tmp_path / "out/aes.tar"), batch_size=2, num_epochs=1)))
@@ -298,9 +339,24 @@ def test_cli_loads_the_checkpoint_parts_and_matches_the_library(model, dataset, 
     spec = importlib.util.spec_from_file_location("cache_latents_cli", script)
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    argv = [shards_of(dataset[0]), "--out", str(tmp_path / "out"), "--model", "tiny", "--checkpoint",
-            str(checkpoint), "--square-size", "32", "--latent-mode", "mean", "--seed", "2", "--device", "cpu",
-            "--no-progress"]  # fmt: skip
+    argv = [
+        shards_of(dataset[0]),
+        "--out",
+        str(tmp_path / "out"),
+        "--model",
+        "tiny",
+        "--checkpoint",
+        str(checkpoint),
+        "--square-size",
+        "32",
+        "--latent-mode",
+        "mean",
+        "--seed",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     assert all((tmp_path / "out" / n).read_bytes() == (fast_cache / n).read_bytes() for n in NAMES)
     assert json.loads((tmp_path / "out/_cache_summary_rank0.json").read_text())["written"] == NAMES

@@ -53,10 +53,19 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def sample_members(key: str, height: int, width: int, seed: int, fmt: str = "JPEG") -> list[tuple[str, bytes]]:
     """img2dataset's members for one sample: image, json (original 3x the stored size), txt."""
     ext = {"JPEG": "jpg", "PNG": "png"}[fmt]
-    meta = {"key": key, "caption": f"caption {key}", "width": width, "height": height,
-            "original_width": width * ORIGINAL_SCALE, "original_height": height * ORIGINAL_SCALE}  # fmt: skip
-    return [(f"{key}.{ext}", image_bytes(height, width, seed, fmt)),
-            (f"{key}.json", json.dumps(meta).encode()), (f"{key}.txt", f"caption {key}".encode())]  # fmt: skip
+    meta = {
+        "key": key,
+        "caption": f"caption {key}",
+        "width": width,
+        "height": height,
+        "original_width": width * ORIGINAL_SCALE,
+        "original_height": height * ORIGINAL_SCALE,
+    }
+    return [
+        (f"{key}.{ext}", image_bytes(height, width, seed, fmt)),
+        (f"{key}.json", json.dumps(meta).encode()),
+        (f"{key}.txt", f"caption {key}".encode()),
+    ]
 
 
 def write_shard(path: Path, members: list[tuple[str, bytes]]) -> str:
@@ -66,8 +75,12 @@ def write_shard(path: Path, members: list[tuple[str, bytes]]) -> str:
     return str(path)
 
 
-def make_dataset(root: Path, shard_sizes: list[int], shapes: list[tuple[int, int]] = SHAPES,
-                 extra: dict[int, list[tuple[str, bytes]]] | None = None) -> dict[str, dict]:  # fmt: skip
+def make_dataset(
+    root: Path,
+    shard_sizes: list[int],
+    shapes: list[tuple[int, int]] = SHAPES,
+    extra: dict[int, list[tuple[str, bytes]]] | None = None,
+) -> dict[str, dict]:
     """Shards root/shard-{i}.tar (plus `extra` members at the end of shard i); returns
     key -> {"shard", "stored" (h, w), "original" (h, w), "image"} for the regular samples."""
     info: dict[str, dict] = {}
@@ -80,8 +93,12 @@ def make_dataset(root: Path, shard_sizes: list[int], shapes: list[tuple[int, int
             fmt = "PNG" if seed % 5 == 4 else "JPEG"
             sample = sample_members(key, height, width, seed, fmt)
             members += sample
-            info[key] = {"shard": shard, "stored": (height, width), "image": sample[0][1],
-                         "original": (height * ORIGINAL_SCALE, width * ORIGINAL_SCALE)}  # fmt: skip
+            info[key] = {
+                "shard": shard,
+                "stored": (height, width),
+                "image": sample[0][1],
+                "original": (height * ORIGINAL_SCALE, width * ORIGINAL_SCALE),
+            }
             seed += 1
         write_shard(root / f"shard-{shard}.tar", members + (extra or {}).get(shard, []))
     return info
@@ -116,7 +133,11 @@ def test_expand_shards_braces_globs_urls_and_missing_files(tmp_path: Path) -> No
     assert braces == [str(tmp_path / f"shards-{i:05d}.tar") for i in range(3)]
     assert expand_shards(str(tmp_path / "shards-*.tar")) == braces
     assert expand_shards([braces[0], "pipe:cat x.tar", "https://host/a-{0..1}.tar"]) == [
-        braces[0], "pipe:cat x.tar", "https://host/a-0.tar", "https://host/a-1.tar"]  # fmt: skip
+        braces[0],
+        "pipe:cat x.tar",
+        "https://host/a-0.tar",
+        "https://host/a-1.tar",
+    ]
     with pytest.raises(ValueError, match=r"2 shard file\(s\) do not exist: .*shards-00003.tar.*shards-00004.tar"):
         expand_shards(str(tmp_path / "shards-{00000..00004}.tar"))
     with pytest.raises(ValueError, match="matches no file"):
@@ -153,8 +174,15 @@ def test_slots_are_disjoint_and_complete_over_an_epoch(tmp_path: Path, world: in
 # -- batches ---------------------------------------------------------------------------------------
 def test_batches_are_homogeneous_with_true_sizes_and_crops(tmp_path: Path) -> None:
     info = make_dataset(tmp_path, [12, 12])
-    loader = BucketedLoader(str(tmp_path / "shard-{0..1}.tar"), batch_size=3, base_resolution=128,
-                            shuffle_buffer=5, flip_probability=0.5, num_epochs=1, seed=1)  # fmt: skip
+    loader = BucketedLoader(
+        str(tmp_path / "shard-{0..1}.tar"),
+        batch_size=3,
+        base_resolution=128,
+        shuffle_buffer=5,
+        flip_probability=0.5,
+        num_epochs=1,
+        seed=1,
+    )
     keys, flipped = [], 0
     for batch in loader:
         b = len(batch["__key__"])
@@ -200,8 +228,13 @@ def test_square_table_and_epoch_length_continue_one_stream(tmp_path: Path) -> No
 
 def test_aesthetic_score_passes_through_with_a_default(tmp_path: Path) -> None:
     """LAION's key spellings are read; NaN or absent takes the default; no default: no key."""
-    extras = {"laion": {"aesthetic_score": 6.25}, "upper": {"AESTHETIC_SCORE": 4.5}, "short": {"aesthetic": 5.5},
-              "nan": {"aesthetic_score": float("nan")}, "none": {}}  # fmt: skip
+    extras = {
+        "laion": {"aesthetic_score": 6.25},
+        "upper": {"AESTHETIC_SCORE": 4.5},
+        "short": {"aesthetic": 5.5},
+        "nan": {"aesthetic_score": float("nan")},
+        "none": {},
+    }
     members = []
     for seed, (key, extra) in enumerate(extras.items()):
         image, meta, caption = sample_members(key, 48, 48, seed=seed)
@@ -212,8 +245,13 @@ def test_aesthetic_score_passes_through_with_a_default(tmp_path: Path) -> None:
         loader = BucketedLoader(shard, batch_size=1, square_size=32, num_epochs=1, shuffle_buffer=0, **options)
         return {b["__key__"][0]: b["aesthetic_score"].tolist() if "aesthetic_score" in b else None for b in loader}
 
-    assert scores(default_aesthetic_score=5.0) == {"laion": [6.25], "upper": [4.5], "short": [5.5], "nan": [5.0],
-                                                   "none": [5.0]}  # fmt: skip
+    assert scores(default_aesthetic_score=5.0) == {
+        "laion": [6.25],
+        "upper": [4.5],
+        "short": [5.5],
+        "nan": [5.0],
+        "none": [5.0],
+    }
     assert scores() == {"laion": [6.25], "upper": [4.5], "short": [5.5], "nan": None, "none": None}
     whole = next(iter(BucketedLoader(shard, batch_size=5, square_size=32, num_epochs=1)))
     assert "aesthetic_score" not in whole  # a batch with an unscored sample and no default
@@ -225,9 +263,12 @@ def bad_shards(root: Path) -> tuple[list[str], set[str]]:
     good = [sample_members(f"good{i}", *SHAPES[i], seed=i) for i in range(4)]
     jpg = image_bytes(64, 64, seed=9)
     members = good[0] + good[1]
-    for key, image in [("empty", b""), ("corrupt", jpg[:300] + bytes(500) + jpg[800:]),
-                       ("random", np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes()),
-                       ("bomb", png_header(50_000, 50_000))]:  # fmt: skip
+    for key, image in [
+        ("empty", b""),
+        ("corrupt", jpg[:300] + bytes(500) + jpg[800:]),
+        ("random", np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes()),
+        ("bomb", png_header(50_000, 50_000)),
+    ]:
         members += [(f"{key}.jpg", image), (f"{key}.txt", b"x")]
     members += [("nocap.jpg", jpg), ("nocap.json", b"{}")]
     members += [("badjson.jpg", jpg), ("badjson.txt", b"x"), ("badjson.json", b"{not json")]
@@ -256,16 +297,33 @@ def png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
-PLANTED = {"empty_file": 1, "corrupt_image": 1, "unknown_format": 1, "too_many_pixels": 1, "missing_caption": 1,
-           "bad_json": 2, "missing_image": 1, "truncated_tar": 1, "unreadable_shard": 1, "duplicate_member": 1,
-           "bad_caption": 1}  # fmt: skip
+PLANTED = {
+    "empty_file": 1,
+    "corrupt_image": 1,
+    "unknown_format": 1,
+    "too_many_pixels": 1,
+    "missing_caption": 1,
+    "bad_json": 2,
+    "missing_image": 1,
+    "truncated_tar": 1,
+    "unreadable_shard": 1,
+    "duplicate_member": 1,
+    "bad_caption": 1,
+}
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_bad_input_is_skipped_and_counted_exactly(tmp_path: Path, workers: int) -> None:
     shards, good = bad_shards(tmp_path)
-    loader = BucketedLoader(shards, batch_size=1, square_size=32, num_workers=workers, num_epochs=1,
-                            max_bad_fraction=1.0, min_seen_for_check=0)  # fmt: skip
+    loader = BucketedLoader(
+        shards,
+        batch_size=1,
+        square_size=32,
+        num_workers=workers,
+        num_epochs=1,
+        max_bad_fraction=1.0,
+        min_seen_for_check=0,
+    )
     keys = [key for batch in loader for key in batch["__key__"]]
     assert sorted(keys) == sorted(good)
     assert loader.bad_counts() == PLANTED
@@ -274,8 +332,9 @@ def test_bad_input_is_skipped_and_counted_exactly(tmp_path: Path, workers: int) 
 
 def test_too_many_bad_samples_stop_with_the_counts_and_the_config_key(tmp_path: Path) -> None:
     shards, _ = bad_shards(tmp_path)
-    loader = BucketedLoader(shards, batch_size=1, square_size=32, num_epochs=1, max_bad_fraction=0.2,
-                            min_seen_for_check=5)  # fmt: skip
+    loader = BucketedLoader(
+        shards, batch_size=1, square_size=32, num_epochs=1, max_bad_fraction=0.2, min_seen_for_check=5
+    )
     with pytest.raises(RuntimeError, match=r"data\.max_bad_fraction=0\.2.*") as info:
         list(loader)
     message = str(info.value)
@@ -319,8 +378,9 @@ def test_min_size_filters_by_original_size(tmp_path: Path) -> None:
 def test_real_cc12m_shard_records_json_original_sizes() -> None:
     with tarfile.open(CC12M) as tar:
         metas = {Path(m.name).stem: json.load(tar.extractfile(m)) for m in tar if m.name.endswith(".json")}
-    loader = BucketedLoader(str(CC12M), batch_size=1, base_resolution=256, num_epochs=1, shuffle_buffer=8,
-                            max_bad_fraction=1.0)  # fmt: skip
+    loader = BucketedLoader(
+        str(CC12M), batch_size=1, base_resolution=256, num_epochs=1, shuffle_buffer=8, max_bad_fraction=1.0
+    )
     count = 0
     for batch in loader:
         key = batch["__key__"][0]
@@ -329,7 +389,6 @@ def test_real_cc12m_shard_records_json_original_sizes() -> None:
         assert tuple(batch["jpg"].shape[-2:]) == tuple(batch["target_size_as_tuple"][0].tolist())
         count += 1
     assert count + sum(loader.bad_counts().values()) == len(metas) and count > 0
-
 
 
 def test_truncated_tar_keeps_complete_samples_and_drops_the_broken_one(tmp_path: Path) -> None:
@@ -357,8 +416,12 @@ def test_local_random_access_reader_matches_the_webdataset_stream_reader(tmp_pat
     shards, _ = bad_shards(tmp_path)
     members = [m for i in range(3) for m in sample_members(f"k{i}", 32, 48, seed=i)]
     data = Path(write_shard(tmp_path / "whole.tar", members)).read_bytes()
-    for name, end in [("in_json", data.index(b"k1.json") + 512 + 10), ("in_next", data.index(b"k2.jpg") + 512 + 10),
-                      ("in_header", data.index(b"k2.jpg") + 100), ("in_padding", data.index(b"k0.json") + 512 + 40)]:  # fmt: skip
+    for name, end in [
+        ("in_json", data.index(b"k1.json") + 512 + 10),
+        ("in_next", data.index(b"k2.jpg") + 512 + 10),
+        ("in_header", data.index(b"k2.jpg") + 100),
+        ("in_padding", data.index(b"k0.json") + 512 + 40),
+    ]:
         (tmp_path / f"cut_{name}.tar").write_bytes(data[:end])
         shards.append(str(tmp_path / f"cut_{name}.tar"))
     split_key = "d" * 60 + "/" + "k" * 80  # ustar's prefix field carries the folder: read by the fast path
@@ -368,9 +431,12 @@ def test_local_random_access_reader_matches_the_webdataset_stream_reader(tmp_pat
             directory = tarfile.TarInfo("adir")
             directory.type = tarfile.DIRTYPE
             tar.addfile(directory)
-            for member, payload in sample_members("plain", 32, 32, seed=1) + sample_members(split_key, 32, 32, seed=4) + (
-                sample_members(long_key, 32, 32, seed=2) if fmt != tarfile.USTAR_FORMAT else []
-            ) + sample_members("after", 32, 32, seed=3):
+            for member, payload in (
+                sample_members("plain", 32, 32, seed=1)
+                + sample_members(split_key, 32, 32, seed=4)
+                + (sample_members(long_key, 32, 32, seed=2) if fmt != tarfile.USTAR_FORMAT else [])
+                + sample_members("after", 32, 32, seed=3)
+            ):
                 info = tarfile.TarInfo(member)
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))

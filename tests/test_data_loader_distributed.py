@@ -63,8 +63,9 @@ def test_two_processes_step_in_lockstep_with_disjoint_keys(tmp_path: Path, worke
     (tmp_path / "B").mkdir()
     info_a = make_dataset(tmp_path / "A", [6, 6, 6, 6], shapes=SQUAREISH)
     make_dataset(tmp_path / "B", [12, 4, 12, 4], shapes=SQUAREISH)
-    context = mp.start_processes(run_rank, args=(free_port(), str(tmp_path), workers), nprocs=2, join=False,
-                                 start_method="spawn")  # fmt: skip
+    context = mp.start_processes(
+        run_rank, args=(free_port(), str(tmp_path), workers), nprocs=2, join=False, start_method="spawn"
+    )
     for process in context.processes:
         process.join(timeout=120)
     alive = [p for p in context.processes if p.is_alive()]

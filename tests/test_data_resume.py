@@ -15,8 +15,15 @@ from test_data_loader import image_bytes, make_dataset
 
 from sgm.data.loader import BucketedLoader, merge_loader_states
 
-OPTIONS = {"batch_size": 3, "base_resolution": 128, "shuffle_buffer": 5, "flip_probability": 0.5, "seed": 11,
-           "max_bad_fraction": 0.5, "min_seen_for_check": 0}  # fmt: skip
+OPTIONS = {
+    "batch_size": 3,
+    "base_resolution": 128,
+    "shuffle_buffer": 5,
+    "flip_probability": 0.5,
+    "seed": 11,
+    "max_bad_fraction": 0.5,
+    "min_seen_for_check": 0,
+}
 
 
 @pytest.fixture

@@ -67,9 +67,15 @@ def make_folder(root: Path) -> dict[str, tuple[bytes, str, int, int, str]]:
 
 
 FOLDER_SKIPS = Counter(
-    empty_file=1, corrupt_image=1, unsupported_format=1, empty_caption=1, orphan_sidecar=2,
-    missing_caption=1, unknown_extension=1, bad_sidecar_json=1,
-)  # fmt: skip
+    empty_file=1,
+    corrupt_image=1,
+    unsupported_format=1,
+    empty_caption=1,
+    orphan_sidecar=2,
+    missing_caption=1,
+    unknown_extension=1,
+    bad_sidecar_json=1,
+)
 
 
 def read_tar_samples(shards: list[Path]) -> dict[str, dict[str, bytes]]:
@@ -164,7 +170,7 @@ def test_manifest_build(tmp_path, kind):
     root = tmp_path / "images"
     good = make_folder(root)
     manifest = write_manifest(root, kind, good)
-    expected = {rel: item for rel, item in good.items()}
+    expected = dict(good.items())
     first = next(iter(good))
     expected[str((root / first).resolve())] = expected.pop(first)  # recorded as written in the manifest
 
@@ -233,11 +239,10 @@ def test_samples_per_shard_and_key_width(tmp_path):
 
 def test_crash_mid_shard_leaves_only_complete_shards(tmp_path):
     data = _encode((8, 8), "PNG")
-    with pytest.raises(RuntimeError, match="boom"):
-        with ShardWriter(tmp_path / "w", samples_per_shard=3) as writer:
-            for i in range(5):
-                writer.write(data, "png", f"c{i}", 8, 8)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), ShardWriter(tmp_path / "w", samples_per_shard=3) as writer:
+        for i in range(5):
+            writer.write(data, "png", f"c{i}", 8, 8)
+        raise RuntimeError("boom")
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["00000.tar", "00000_stats.json"]
     assert len(read_tar_samples([tmp_path / "w" / "00000.tar"])) == 3
 
@@ -262,8 +267,10 @@ def test_output_folder_guard(tmp_path):
         build_shards(iter_folder(tmp_path / "images"), tmp_path / "out")
     summary = build_shards(iter_folder(tmp_path / "images"), tmp_path / "out", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "00000.tar", "00000_stats.json", "_build_summary.json"
-    ]  # fmt: skip
+        "00000.tar",
+        "00000_stats.json",
+        "_build_summary.json",
+    ]
     assert summary.written == 5
 
 

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from test_diffusion_training import oracle_network
 from torch import nn
 
 from sgm.diffusion.denoiser import DiscreteDenoiser, EpsScaling, VScaling
@@ -19,7 +20,6 @@ from sgm.diffusion.guidance import ClassifierFreeGuidance, NoGuidance
 from sgm.diffusion.img2img import denoising_end_sigmas, img2img_sigmas, noise_latents
 from sgm.diffusion.samplers import DPMPP2MSampler, EulerEDMSampler
 from sgm.diffusion.sampling import sample
-from test_diffusion_training import oracle_network
 
 MU, STD = 0.5, 1.0
 SAMPLERS = {"euler": EulerEDMSampler, "dpmpp2m": DPMPP2MSampler}
@@ -55,7 +55,16 @@ def test_samplers_reach_the_data_distribution(name, num_steps):
     """Through the real denoiser and an eps-predicting oracle network, as in SDXL inference."""
     denoiser = DiscreteDenoiser(EpsScaling())
     network = oracle_network(ideal_x0, "eps", denoiser.sigmas)
-    out = sample(network, denoiser, _cond(8), None, (8, 1, 32, 32), SAMPLERS[name](num_steps), 1.0, torch.Generator().manual_seed(0))
+    out = sample(
+        network,
+        denoiser,
+        _cond(8),
+        None,
+        (8, 1, 32, 32),
+        SAMPLERS[name](num_steps),
+        1.0,
+        torch.Generator().manual_seed(0),
+    )
     # Euler is first order: at 30-50 steps its samples are ~5% narrower than the data; DPM++ 2M ~2%.
     std_tol = 0.08 if name == "euler" else 0.035
     assert out.mean().item() == pytest.approx(MU, abs=0.07)
@@ -127,7 +136,18 @@ def test_v_prediction_end_to_end_matches_eps(name):
     for prediction, scaling in (("eps", EpsScaling()), ("v", VScaling())):
         denoiser = DiscreteDenoiser(scaling)
         network = oracle_network(ideal_x0, prediction, denoiser.sigmas)
-        results.append(sample(network, denoiser, _cond(2), None, (2, 1, 8, 8), SAMPLERS[name](20), 1.0, torch.Generator().manual_seed(0)))
+        results.append(
+            sample(
+                network,
+                denoiser,
+                _cond(2),
+                None,
+                (2, 1, 8, 8),
+                SAMPLERS[name](20),
+                1.0,
+                torch.Generator().manual_seed(0),
+            )
+        )
     torch.testing.assert_close(results[0], results[1], atol=1e-4, rtol=1e-4)
 
 
@@ -178,7 +198,10 @@ class ContextNet(nn.Module):
 
 def _conds(batch=2):
     generator = torch.Generator().manual_seed(4)
-    cond = {"crossattn": torch.randn(batch, 77, 8, generator=generator), "vector": torch.randn(batch, 16, generator=generator)}
+    cond = {
+        "crossattn": torch.randn(batch, 77, 8, generator=generator),
+        "vector": torch.randn(batch, 16, generator=generator),
+    }
     uncond = {"crossattn": torch.zeros(batch, 77, 8), "vector": torch.randn(batch, 16, generator=generator)}
     return cond, uncond
 
@@ -212,8 +235,12 @@ def test_cfg_with_uncond_equal_to_cond_is_the_conditional_result(scale):
     net, denoiser = ContextNet(), DiscreteDenoiser(EpsScaling())
     cond, _ = _conds()
     with torch.no_grad():
-        guided = sample(net, denoiser, cond, cond, (2, 1, 8, 8), EulerEDMSampler(8), scale, torch.Generator().manual_seed(0))
-        plain = sample(net, denoiser, cond, None, (2, 1, 8, 8), EulerEDMSampler(8), 1.0, torch.Generator().manual_seed(0))
+        guided = sample(
+            net, denoiser, cond, cond, (2, 1, 8, 8), EulerEDMSampler(8), scale, torch.Generator().manual_seed(0)
+        )
+        plain = sample(
+            net, denoiser, cond, None, (2, 1, 8, 8), EulerEDMSampler(8), 1.0, torch.Generator().manual_seed(0)
+        )
     torch.testing.assert_close(guided, plain, atol=1e-5, rtol=1e-5)
 
 
@@ -253,7 +280,18 @@ def test_img2img_starts_from_latents_plus_sigma_noise():
 
     denoiser = DiscreteDenoiser(EpsScaling())
     init = torch.randn(2, 4, 8, 8)
-    sample(network, denoiser, _cond(2), None, init.shape, EulerEDMSampler(50), 1.0, torch.Generator().manual_seed(3), init_latents=init, strength=0.15)
+    sample(
+        network,
+        denoiser,
+        _cond(2),
+        None,
+        init.shape,
+        EulerEDMSampler(50),
+        1.0,
+        torch.Generator().manual_seed(3),
+        init_latents=init,
+        strength=0.15,
+    )
     z, t = seen[0]
     assert len(seen) == 6 and t.tolist() == [119, 119]
     sigma = legacy_ddpm_sigmas()[119].item()
@@ -265,7 +303,18 @@ def test_img2img_with_ideal_denoiser_keeps_the_data_distribution():
     denoiser = DiscreteDenoiser(EpsScaling())
     network = oracle_network(ideal_x0, "eps", denoiser.sigmas)
     init = MU + STD * _noise((8, 1, 32, 32), seed=9)
-    out = sample(network, denoiser, _cond(8), None, init.shape, DPMPP2MSampler(50), 1.0, torch.Generator().manual_seed(0), init_latents=init, strength=0.3)
+    out = sample(
+        network,
+        denoiser,
+        _cond(8),
+        None,
+        init.shape,
+        DPMPP2MSampler(50),
+        1.0,
+        torch.Generator().manual_seed(0),
+        init_latents=init,
+        strength=0.3,
+    )
     assert out.mean().item() == pytest.approx(MU, abs=0.05) and out.std().item() == pytest.approx(STD, rel=0.03)
     corr = torch.corrcoef(torch.stack([out.flatten(), init.flatten()]))[0, 1]
     assert 0.5 < corr < 0.99  # an edit of the input, not a copy and not a fresh sample
@@ -295,7 +344,10 @@ def test_sample_is_deterministic_with_a_seeded_generator():
     net = ContextNet()
     cond, uncond = _conds()
     with torch.no_grad():
-        runs = [sample(net, denoiser, cond, uncond, (2, 1, 8, 8), DPMPP2MSampler(10), 6.0, torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
+        runs = [
+            sample(net, denoiser, cond, uncond, (2, 1, 8, 8), DPMPP2MSampler(10), 6.0, torch.Generator().manual_seed(s))
+            for s in (0, 0, 1)
+        ]
     assert runs[0].shape == (2, 1, 8, 8) and torch.isfinite(runs[0]).all()
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 

@@ -256,7 +256,9 @@ def test_eps_loss_equals_eps_mse_of_a_constant_network():
     """A network predicting 0 has eps-MSE = E[n^2]: about 1 per sample under EpsWeighting."""
     loss_fn = _loss()
     x0 = torch.randn(16, 4, 32, 32)
-    loss = loss_fn(lambda z, t, context=None, y=None: torch.zeros_like(z), x0, _cond(16), torch.Generator().manual_seed(0))
+    loss = loss_fn(
+        lambda z, t, context=None, y=None: torch.zeros_like(z), x0, _cond(16), torch.Generator().manual_seed(0)
+    )
     assert torch.allclose(loss, torch.ones(16), atol=0.1)
 
 
@@ -278,7 +280,9 @@ def test_offset_noise_per_sample_and_per_channel():
     x0 = torch.zeros(64, 4, 32, 32)
     plain = _captured_noise(_loss(), x0)["noise"].mean(dim=(2, 3))
     per_sample = _captured_noise(_loss(offset_noise_level=1.0), x0)["noise"].mean(dim=(2, 3))
-    per_channel = _captured_noise(_loss(offset_noise_level=1.0, offset_noise_per_channel=True), x0)["noise"].mean(dim=(2, 3))
+    per_channel = _captured_noise(_loss(offset_noise_level=1.0, offset_noise_per_channel=True), x0)["noise"].mean(
+        dim=(2, 3)
+    )
     # Plain noise: channel means ~ N(0, 1/1024). Offset: each sample (or each channel) shifted by N(0, 1).
     assert plain.std() < 0.06
     assert 0.7 < per_sample.mean(1).std() < 1.3 and (per_sample - per_sample.mean(1, keepdim=True)).abs().max() < 0.2

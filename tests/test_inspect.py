@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import torch
-
 from conftest import REFERENCE_DIR, randomize_
+
 from sgm.checkpoint.io import save_checkpoint
 from sgm.inspect import main
 from sgm.models.build import build_model

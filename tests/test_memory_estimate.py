@@ -100,8 +100,12 @@ def test_checkpointed_forward_keeps_what_torch_checkpoint_keeps(precision):
         return t
 
     dtype = next(unet.parameters()).dtype
-    inputs = (torch.empty(2, 4, 32, 32, device="meta", dtype=dtype), torch.zeros(2, dtype=torch.long, device="meta"),
-              torch.empty(2, 77, 96, device="meta", dtype=dtype), torch.empty(2, 1600, device="meta", dtype=dtype))  # fmt: skip
+    inputs = (
+        torch.empty(2, 4, 32, 32, device="meta", dtype=dtype),
+        torch.zeros(2, dtype=torch.long, device="meta"),
+        torch.empty(2, 77, 96, device="meta", dtype=dtype),
+        torch.empty(2, 1600, device="meta", dtype=dtype),
+    )
     with _GPULikeForward(autocast=False), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         unet(*inputs)
     assert modelled == sum(saved.values()) > 0

@@ -19,12 +19,12 @@ from PIL import Image
 from training_utils import compose_train, fast_overrides, make_shards
 
 from sgm.checkpoint.io import load_checkpoint, save_checkpoint
+from sgm.checkpoint.model_source import load_model
 from sgm.diffusion.samplers import DPMPP2MSampler
 from sgm.inference import generate_latents
+from sgm.inference.cli import main
+from sgm.inference.metadata import read_settings
 from sgm.models.build import build_model
-from sgm.sample import main
-from sgm.sampling_checkpoints import load_sampling_model
-from sgm.sampling_metadata import read_settings
 from sgm.training.run import run
 
 PROMPT = "a red heart"
@@ -55,12 +55,22 @@ def trained(tmp_path_factory, files):
     folder = tmp_path_factory.mktemp("run")
     shards = make_shards(folder / "shards", num_samples=8, num_emoji=2, samples_per_shard=8)
     overrides = fast_overrides(folder / "run", shards, max_steps=2, every=2) + [
-        f"pretrained={files['base']}", "pretrained_parts=[unet]", "module.ema_decay=0.9", "module.lr=1e-2", "data.square_size=32",
-        f"samples.prompts=[{PROMPT}]", "samples.seeds=[0]", "samples.height=32", "samples.width=32",
-    ]  # fmt: skip
+        f"pretrained={files['base']}",
+        "pretrained_parts=[unet]",
+        "module.ema_decay=0.9",
+        "module.lr=1e-2",
+        "data.square_size=32",
+        f"samples.prompts=[{PROMPT}]",
+        "samples.seeds=[0]",
+        "samples.height=32",
+        "samples.width=32",
+    ]
     outputs = run(compose_train(overrides))
-    return {"ckpt": folder / "run" / "checkpoints" / "last.ckpt", "export": outputs["export"].split(" (")[0],
-            "validation": outputs["samples"]}  # fmt: skip
+    return {
+        "ckpt": folder / "run" / "checkpoints" / "last.ckpt",
+        "export": outputs["export"].split(" (")[0],
+        "validation": outputs["samples"],
+    }
 
 
 def sample(tmp_path, checkpoint, *extra: str, name: str = "out") -> list[np.ndarray]:
@@ -73,9 +83,29 @@ def sample(tmp_path, checkpoint, *extra: str, name: str = "out") -> list[np.ndar
 def test_writes_pngs_whose_metadata_round_trips(tmp_path, files, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a blue circle\n\n  a green tree  \n", encoding="utf-8")
-    args = [str(files["base"]), "--prompt", PROMPT, "--prompts-file", str(prompts), *FAST, "--seed", "7",
-            "--negative-prompt", "blurry", "--original-size", "64", "48", "--crop-top-left", "4", "8", "--grid",
-            "--sampler", "euler", "--out", str(tmp_path / "out")]  # fmt: skip
+    args = [
+        str(files["base"]),
+        "--prompt",
+        PROMPT,
+        "--prompts-file",
+        str(prompts),
+        *FAST,
+        "--seed",
+        "7",
+        "--negative-prompt",
+        "blurry",
+        "--original-size",
+        "64",
+        "48",
+        "--crop-top-left",
+        "4",
+        "8",
+        "--grid",
+        "--sampler",
+        "euler",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(args) == 0
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["00000_seed7.png", "00001_seed8.png", "00002_seed9.png", "grid.png"]
@@ -84,7 +114,10 @@ def test_writes_pngs_whose_metadata_round_trips(tmp_path, files, capsys):
     meta = read_settings(png.filename)
     assert png.size == (32, 32) and meta["prompt"] == "a green tree" and meta["seed"] == 9 and meta["index"] == 2
     assert meta["negative_prompt"] == "blurry" and (meta["sampler"], meta["steps"], meta["guidance_scale"]) == (
-        "euler", 3, 5.0)  # fmt: skip
+        "euler",
+        3,
+        5.0,
+    )
     assert meta["original_size_as_tuple"] == [64, 48] and meta["crop_coords_top_left"] == [4, 8]
     assert meta["target_size_as_tuple"] == [32, 32] and meta["refiner"] is None
     assert meta["base"]["model"] == "tiny"  # inferred from the file's layout
@@ -105,8 +138,17 @@ def test_base_then_refiner_differs_from_base_alone(tmp_path, files):
     size = ["--steps", "4", "--height", "64", "--width", "64"]  # the tiny refiner takes multiples of 64 px
     alone = sample(tmp_path, files["base"], *size, name="base")
     refiner = ["--refiner", str(files["refiner"]), "--refiner-model", "tiny_refiner"]
-    refined = sample(tmp_path, files["base"], *size, *refiner, "--refiner-strength", "0.5", "--aesthetic-score", "7.5",
-                     name="refined")  # fmt: skip
+    refined = sample(
+        tmp_path,
+        files["base"],
+        *size,
+        *refiner,
+        "--refiner-strength",
+        "0.5",
+        "--aesthetic-score",
+        "7.5",
+        name="refined",
+    )
     assert refined[0].shape == alone[0].shape == (64, 64, 3) and not np.array_equal(alone[0], refined[0])
     meta = read_settings(next((tmp_path / "refined").glob("*.png")))
     assert meta["refiner"]["model"] == "tiny_refiner" and meta["refiner"]["strength"] == 0.5
@@ -129,7 +171,7 @@ def test_training_checkpoint_matches_its_export_and_the_runs_own_samples(tmp_pat
 def test_meta_fast_path_loads_every_tensor_and_a_negative_prompt_counts(files):
     """A full file is loaded into a model built on meta: every tensor must come from the file.
     The base model zeroes its unconditional text only when no negative prompt is given."""
-    loaded = load_sampling_model(files["base"], "tiny").model
+    loaded = load_model(files["base"], model_config="tiny").model
     reference = build_model("tiny")
     load_checkpoint(reference, files["base"])
     mine, theirs = loaded.state_dict(), reference.state_dict()
@@ -154,9 +196,9 @@ def test_bad_options_exit_with_one_message(tmp_path, files, extra, message):
 
 
 def test_bad_files_exit_with_one_message(tmp_path, files, trained):
-    with pytest.raises(SystemExit, match="checkpoint not found"):
+    with pytest.raises(SystemExit, match="no such model source"):
         sample(tmp_path, tmp_path / "missing.ckpt")
-    with pytest.raises(SystemExit, match="UNet in .* does not fit model config tiny_refiner"):
+    with pytest.raises(SystemExit, match="--model tiny_refiner is not the model the run"):
         sample(tmp_path, trained["ckpt"], "--model", "tiny_refiner")
     lone = tmp_path / "elsewhere" / "last.ckpt"  # no run config.yaml beside it
     lone.parent.mkdir()

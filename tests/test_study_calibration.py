@@ -10,11 +10,11 @@ import torch
 from conftest import randomize_
 from PIL import Image
 
-from data.build_shapes_dataset import ShapeSpec, render_shape
+from sgm.checkpoint.model_source import LoadedModel
 from sgm.diffusion.denoiser import DiscreteDenoiser, VScaling
+from sgm.eval.shapes_dataset import ShapeSpec, render_shape
 from sgm.eval.study_calibration import conditioning_use, data_reference, size_bins, summarise_measures, training_crops
 from sgm.models.build import build_model
-from sgm.sampling_checkpoints import SamplingModel
 
 
 def _crop_batch() -> dict:
@@ -55,8 +55,10 @@ def test_data_reference_splits_cuts_by_crop_and_sharpness_by_original_size():
 
 
 def test_summarise_measures_skips_samples_without_an_object():
-    measures = [{"cut_sides": [], "object_found": False, "sharpness": float("nan")},
-                {"cut_sides": ["top"], "object_found": True, "sharpness": 0.5}]  # fmt: skip
+    measures = [
+        {"cut_sides": [], "object_found": False, "sharpness": float("nan")},
+        {"cut_sides": ["top"], "object_found": True, "sharpness": 0.5},
+    ]
     summary = summarise_measures(measures, short_sides=[10, 10], at_origin=[True, False], sizes=[64])
     assert summary["sharpness_by_short_side"] == [{"short_side": ">= 0", "count": 1, "mean": 0.5, "se": None}]
     assert summary["cut_all"]["cut"] == 1
@@ -67,7 +69,7 @@ def test_conditioning_use_is_zero_for_an_input_the_network_ignores():
     # the UNet's vector input: 64 pooled text, then size, crop and target (2 x 256 Fourier channels each)
     with torch.no_grad():
         model.unet.label_emb[0][0].weight[:, 64 + 512 : 64 + 1024] = 0.0  # blind to the crop
-    sampler = SamplingModel(model, DiscreteDenoiser(VScaling()))
+    sampler = LoadedModel(model, DiscreteDenoiser(VScaling()))
     batch = _crop_batch()
     batch["original_size_as_tuple"] = torch.tensor([[16, 16], [512, 512], [16, 16], [512, 512]], dtype=torch.float32)
     use = conditioning_use(sampler, [batch], sigmas=[1.0, 10.0])

@@ -17,10 +17,11 @@ import pytest
 from PIL import Image
 from test_data_demo_dataset import read_samples  # the shards as {key, ext, image, caption, meta}
 
-from data import build_shapes_dataset as shapes
+from data import build_shapes_dataset as cli
 from sgm.data.crop import covering_size
 from sgm.data.loader import BucketedLoader
 from sgm.data.shards import ShardError
+from sgm.eval import shapes_dataset as shapes
 from sgm.eval.conditioning_metrics import mask_touches_border, parse_prompt, touches_border
 
 NUM_SAMPLES = 96
@@ -60,7 +61,7 @@ def test_recorded_sizes_are_the_true_sizes_across_small_and_large_and_ratios(bui
         ratios.add(round(height / width, 2))
         long_sides.append(max(height, width))
     assert len(ratios) >= 7
-    assert shapes.MIN_SIDE <= min(long_sides) and max(long_sides) <= shapes.MAX_SIDE
+    assert min(long_sides) >= shapes.MIN_SIDE and max(long_sides) <= shapes.MAX_SIDE
     assert sum(side <= 96 for side in long_sides) >= NUM_SAMPLES // 5, "too few small images to upscale"
     assert sum(side >= 256 for side in long_sides) >= NUM_SAMPLES // 8, "too few large, sharp images"
 
@@ -83,7 +84,7 @@ def test_objects_lie_inside_where_the_json_says_in_the_named_colour(built):
         meta, image = sample["meta"], pixels(sample).astype(int)
         height, width = image.shape[:2]
         top, left, box_h, box_w = meta["object_box_top_left_height_width"]
-        assert box_h == box_w and shapes.MARGIN - 1e-3 <= min(top, left)
+        assert box_h == box_w and min(top, left) >= shapes.MARGIN - 1e-3
         assert top + box_h <= height - shapes.MARGIN + 1e-3 and left + box_w <= width - shapes.MARGIN + 1e-3
         # framed near the centre: the box starts within FRAMING of the free range along each axis
         for start, extent, side in ((top, height, box_h), (left, width, box_w)):
@@ -106,8 +107,9 @@ def test_json_geometry_redraws_the_stored_image_exactly(built):
     _, samples = built
     for sample in samples[:24]:
         meta = sample["meta"]
-        spec = shapes.ShapeSpec(meta["shape"], meta["colour"], meta["object_size_fraction"],
-                                *meta["object_centre_yx_fraction"])  # fmt: skip
+        spec = shapes.ShapeSpec(
+            meta["shape"], meta["colour"], meta["object_size_fraction"], *meta["object_centre_yx_fraction"]
+        )
         redrawn = shapes.render_shape(spec, meta["original_height"], meta["original_width"])
         np.testing.assert_array_equal(redrawn, pixels(sample))
 
@@ -124,14 +126,14 @@ def test_anti_aliased_coverage_has_the_true_area(side):
 def test_bad_arguments_end_in_one_clear_message(tmp_path, capsys):
     with pytest.raises(ShardError, match="num_samples must be >= 1"):
         shapes.build_shapes_dataset(tmp_path / "x", num_samples=0)
-    assert shapes.main(["--out", str(tmp_path / "y"), "--min-side", "8"]) == 2
+    assert cli.main(["--out", str(tmp_path / "y"), "--min-side", "8"]) == 2
     assert "min_side" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown shape 'star'"):
         shapes.coverage("star", 0, 0, 4, 8, 8)
 
 
 def test_cli_writes_shards(tmp_path, capsys):
-    assert shapes.main(["--out", str(tmp_path / "cli"), "--num-samples", "12", "--samples-per-shard", "8"]) == 0
+    assert cli.main(["--out", str(tmp_path / "cli"), "--num-samples", "12", "--samples-per-shard", "8"]) == 0
     assert "wrote 12 shape samples in 2 shards" in capsys.readouterr().out
     assert len(read_samples(tmp_path / "cli")) == 12
 
@@ -152,8 +154,9 @@ def test_training_loader_random_crops_cut_objects(tmp_path):
     conditioning must undo), and touches_border sees exactly those cuts on the loader's pixels."""
     shapes.build_shapes_dataset(tmp_path, num_samples=192, seed=3, samples_per_shard=64)
     truth = {sample["key"]: sample["meta"] for sample in read_samples(tmp_path)}
-    loader = BucketedLoader(str(tmp_path / "*.tar"), batch_size=8, square_size=64, crop="random",
-                            seed=0, shuffle_buffer=32, num_epochs=1)  # fmt: skip
+    loader = BucketedLoader(
+        str(tmp_path / "*.tar"), batch_size=8, square_size=64, crop="random", seed=0, shuffle_buffer=32, num_epochs=1
+    )
     seen = cut = batches = batches_with_cut = agree = compared = 0
     for batch in loader:
         batches += 1

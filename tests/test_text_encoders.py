@@ -7,14 +7,14 @@ import os
 
 import pytest
 import torch
-
 from conftest import randomize_
+
 from sgm.models.text_encoders import CLIPTextEmbedder, OpenCLIPTextEmbedder
 from sgm.models.tokenizers import EOT_ID, SOT_ID, CLIPBPETokenizer
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-TINY = dict(width=64, layers=2, heads=4)
+TINY = {"width": 64, "layers": 2, "heads": 4}
 CAPTIONS = ["a photo of a cat sitting on a red sofa", "", "word " * 100]
 POSITION_IDS = "transformer.text_model.embeddings.position_ids"
 
@@ -233,8 +233,13 @@ def _openclip_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "text_model.final_layer_norm.bias": state["model.ln_final.bias"],
         "text_projection.weight": state["model.text_projection"].t(),
     }
-    names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    names = {
+        "ln_1": "layer_norm1",
+        "ln_2": "layer_norm2",
+        "attn.out_proj": "self_attn.out_proj",
+        "mlp.c_fc": "mlp.fc1",
+        "mlp.c_proj": "mlp.fc2",
+    }
     layers = 1 + max(int(k.split(".")[3]) for k in state if ".resblocks." in k)
     for i in range(layers):
         src, dst = f"model.transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import fresh_tiny_model, randomize_, tiny_batch
+
 from sgm.demo import run as run_demo
 from sgm.diffusion.denoiser import DiscreteDenoiser, EpsScaling
 from sgm.diffusion.loss import DiffusionLoss
@@ -44,15 +44,23 @@ def test_tiny_model_overfits_a_fixed_batch_with_the_sdxl_loss(tiny):
     unet.eval()
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.3 * losses[0], f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
-    frozen = [p for p in tiny.conditioner.parameters()] + [p for p in tiny.vae.parameters()]
+    frozen = list(tiny.conditioner.parameters()) + list(tiny.vae.parameters())
     assert all(p.grad is None for p in frozen), "frozen parts must receive no gradients"
 
 
-@pytest.mark.parametrize("sampler", [EulerEDMSampler(num_steps=4), DPMPP2MSampler(num_steps=4)], ids=["euler", "dpmpp2m"])
+@pytest.mark.parametrize(
+    "sampler", [EulerEDMSampler(num_steps=4), DPMPP2MSampler(num_steps=4)], ids=["euler", "dpmpp2m"]
+)
 def test_txt2img_runs_end_to_end_and_is_seeded(tiny, sampler):
-    first = generate_latents(tiny, ["a red circle", "a blue square"], 64, 32, sampler=sampler, guidance_scale=5.0, seed=3)
-    again = generate_latents(tiny, ["a red circle", "a blue square"], 64, 32, sampler=sampler, guidance_scale=5.0, seed=3)
-    other = generate_latents(tiny, ["a red circle", "a blue square"], 64, 32, sampler=sampler, guidance_scale=5.0, seed=4)
+    first = generate_latents(
+        tiny, ["a red circle", "a blue square"], 64, 32, sampler=sampler, guidance_scale=5.0, seed=3
+    )
+    again = generate_latents(
+        tiny, ["a red circle", "a blue square"], 64, 32, sampler=sampler, guidance_scale=5.0, seed=3
+    )
+    other = generate_latents(
+        tiny, ["a red circle", "a blue square"], 64, 32, sampler=sampler, guidance_scale=5.0, seed=4
+    )
     assert first.shape == (2, 4, 8, 4) and torch.isfinite(first).all()
     assert torch.equal(first, again) and not torch.equal(first, other)
     images = latents_to_uint8(tiny, first)
@@ -63,7 +71,7 @@ def test_micro_conditioning_changes_the_sample():
     """A fresh UNet outputs zeros (zero-init output conv), so randomise it first."""
     torch.manual_seed(0)
     tiny = randomize_(build_model("tiny")).eval()
-    kwargs = dict(sampler=EulerEDMSampler(num_steps=3), guidance_scale=1.0, seed=0)
+    kwargs = {"sampler": EulerEDMSampler(num_steps=3), "guidance_scale": 1.0, "seed": 0}
     framed = generate_latents(tiny, ["x"], 64, 64, crop_coords_top_left=(0, 0), **kwargs)
     shifted = generate_latents(tiny, ["x"], 64, 64, crop_coords_top_left=(32, 0), **kwargs)
     assert not torch.allclose(framed, shifted)

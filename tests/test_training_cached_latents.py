@@ -56,9 +56,23 @@ def cache(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("cached")
     shards = make_shards(root / "images", num_samples=16, num_emoji=2, samples_per_shard=8)
     official = save_checkpoint(fresh_tiny_model(seed=5), root / "tiny.safetensors")
-    command = [sys.executable, "data/cache_latents.py", f"{shards}/*.tar", "--out", str(root / "latents"),
-               "--model", "tiny", "--checkpoint", str(official), "--square-size", "64", "--text-embeddings",
-               "--batch-size", "4", "--no-progress"]  # fmt: skip
+    command = [
+        sys.executable,
+        "data/cache_latents.py",
+        f"{shards}/*.tar",
+        "--out",
+        str(root / "latents"),
+        "--model",
+        "tiny",
+        "--checkpoint",
+        str(official),
+        "--square-size",
+        "64",
+        "--text-embeddings",
+        "--batch-size",
+        "4",
+        "--no-progress",
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert len(list((root / "latents").glob("*.tar"))) == 2
@@ -67,10 +81,20 @@ def cache(tmp_path_factory) -> tuple[Path, Path]:
 
 def cached_overrides(run_dir: Path, official: Path, latents: Path, steps: int) -> list[str]:
     # the stage's square_size=64 stays: the loader checks it against the cache's settings
-    common = [o for o in fast_overrides(run_dir, latents, max_steps=steps, every=steps) if not o.startswith("data.shards=")]
-    return common + ["data=cached_latents", f"data.shards={latents}/*.tar", "data.batch_size=4", "data.num_workers=0",
-                     "data.shuffle_buffer=8", f"pretrained={official}", "module.lr=2e-3", "module.warmup_steps=0",
-                     "model.conditioner.caption_dropout_rate=0.5"]  # fmt: skip
+    common = [
+        o for o in fast_overrides(run_dir, latents, max_steps=steps, every=steps) if not o.startswith("data.shards=")
+    ]
+    return common + [
+        "data=cached_latents",
+        f"data.shards={latents}/*.tar",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.shuffle_buffer=8",
+        f"pretrained={official}",
+        "module.lr=2e-3",
+        "module.warmup_steps=0",
+        "model.conditioner.caption_dropout_rate=0.5",
+    ]
 
 
 def test_training_from_the_cache_never_runs_the_vae_or_text_encoders(cache, tmp_path) -> None:

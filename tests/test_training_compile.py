@@ -39,8 +39,12 @@ def tiny_batch(module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(3)
     latents = torch.randn(2, 4, 8, 8, generator=generator)
     sizes = torch.tensor([[64, 64], [64, 64]])
-    batch = {"txt": ["a red heart", "a blue circle"], "original_size_as_tuple": sizes,
-             "crop_coords_top_left": torch.zeros(2, 2, dtype=torch.long), "target_size_as_tuple": sizes}  # fmt: skip
+    batch = {
+        "txt": ["a red heart", "a blue circle"],
+        "original_size_as_tuple": sizes,
+        "crop_coords_top_left": torch.zeros(2, 2, dtype=torch.long),
+        "target_size_as_tuple": sizes,
+    }
     with torch.no_grad():
         cond = module.model.condition(batch)
     return latents, cond

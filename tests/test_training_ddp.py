@@ -18,8 +18,11 @@ def shards(tmp_path_factory):
 def test_two_process_ddp_on_cpu_trains_checkpoints_and_exports(tmp_path, shards):
     run_dir = tmp_path / "ddp"
     overrides = fast_overrides(run_dir, shards, max_steps=4, every=2) + [
-        "strategy=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "module.ema_decay=0.9",
-    ]  # fmt: skip
+        "strategy=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "module.ema_decay=0.9",
+    ]
     result = train_cli(overrides, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
@@ -29,5 +32,7 @@ def test_two_process_ddp_on_cpu_trains_checkpoints_and_exports(tmp_path, shards)
     model = fresh_tiny_model(seed=9)
     report = load_checkpoint(model, run_dir / "test_full.safetensors")
     assert report is not None
-    ema = {k.removeprefix("ema.shadow."): v for k, v in state["state_dict"].items() if k.startswith("ema.shadow.")}
+    ema = {
+        k.removeprefix("ema.model.unet."): v for k, v in state["state_dict"].items() if k.startswith("ema.model.unet.")
+    }
     assert torch.equal(model.unet.out[-1].weight, ema["out.2.weight"])

@@ -19,18 +19,21 @@ from test_training_units import make_module
 from training_utils import fast_overrides, loader_batch_keys, make_shards, train_cli
 
 from sgm.checkpoint.io import load_checkpoint
-from sgm.training import export
-from sgm.training.checkpoint_io import (
+from sgm.parallel import (
     COMPLETE_MARKER,
+    DeepSpeedPlan,
     check_fits_strategy,
     is_sharded_checkpoint,
     newest_checkpoint,
-    save_checkpoint,
+    plan_for,
+    read_training_checkpoint,
+    save_training_checkpoint,
+    scalar_parameters_to_buffers,
 )
-from sgm.training.strategies import is_deepspeed_config, scalar_parameters_to_buffers
+from sgm.training import export
 
 CPU_DEEPSPEED = [
-    "trainer.strategy._target_=sgm.training.strategies.CPUDeepSpeedStrategy",
+    "trainer.strategy._target_=sgm.parallel.deepspeed_cpu.CPUDeepSpeedStrategy",
     "trainer.accelerator=cpu",
     "trainer.devices=2",
 ]
@@ -44,8 +47,14 @@ def shards(tmp_path_factory):
 
 def deepspeed_run(run_dir: Path, shards: Path, strategy: str, max_steps: int, every: int, *extra: str):
     overrides = fast_overrides(run_dir, shards, max_steps=max_steps, every=every)
-    overrides += [f"strategy={strategy}", *CPU_DEEPSPEED, "module.ema_decay=0.9", "log_batch_keys=true",
-                  f"samples.prompts=['{PROMPT}']", *extra]  # fmt: skip
+    overrides += [
+        f"strategy={strategy}",
+        *CPU_DEEPSPEED,
+        "module.ema_decay=0.9",
+        "log_batch_keys=true",
+        f"samples.prompts=['{PROMPT}']",
+        *extra,
+    ]
     result = train_cli(overrides, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
@@ -81,7 +90,7 @@ def ds_config(checkpoint_dir: Path) -> dict:
 
 def check_export_matches_ema(run_dir: Path, checkpoint: dict) -> None:
     """The run's exported official file (EMA by default) loads back and holds the checkpoint's EMA, not the raw weights."""
-    ema = unet_weights(checkpoint["state_dict"], "ema.shadow.")
+    ema = unet_weights(checkpoint["state_dict"], "ema.model.unet.")
     raw = unet_weights(checkpoint["state_dict"], "model.unet.")
     assert ema.keys() == raw.keys() and all(v.dtype == torch.float32 for v in ema.values())  # fp32 EMA under bf16
     differ = [k for k in raw if not torch.equal(ema[k], raw[k])]
@@ -99,7 +108,9 @@ def zero2_run(shards, tmp_path_factory):
     """ZeRO-2 for 2 steps, then resume=auto to step 4 with optimizer offload and clipping at 0.5."""
     run_dir = tmp_path_factory.mktemp("zero2") / "run"
     first = deepspeed_run(run_dir, shards, "deepspeed_zero2", 2, 2)
-    resumed = deepspeed_run(run_dir, shards, "deepspeed_zero2_offload", 4, 2, "trainer.gradient_clip_val=0.5")
+    resumed = deepspeed_run(
+        run_dir, shards, "deepspeed_zero2_offload", 4, 2, "trainer.gradient_clip_val=0.5", "resume_allow_changes=true"
+    )  # the clipping differs from the recorded config
     return run_dir, first, resumed
 
 
@@ -118,7 +129,7 @@ def test_zero2_resume_continues_steps_optimizer_data_and_ema(zero2_run, loader_s
     run_dir, _, resumed = zero2_run
     last = run_dir / "checkpoints" / "last.ckpt"
     assert f"resuming from {last}" in resumed.stdout
-    checkpoint = export.load_training_checkpoint(last)
+    checkpoint = read_training_checkpoint(last)
     assert checkpoint["global_step"] == 4 and int(checkpoint["state_dict"]["ema.num_updates"]) == 4
     assert optimizer_step_count(last) == 4  # AdamW state came back from the shards, not restarted
     config = ds_config(last)
@@ -126,13 +137,16 @@ def test_zero2_resume_continues_steps_optimizer_data_and_ema(zero2_run, loader_s
     assert config["gradient_clipping"] == 0.5  # trainer.gradient_clip_val reaches DeepSpeed
     assert sorted(checkpoint["SDXLDataModule"]["loader"]["ranks"]) == ["0", "1"]
     with open(run_dir / "logs" / "metrics.csv") as stream:  # the first attempt's rows, then the resumed run's
-        rows = [(int(row["step"]), float(row["train/grad_norm"])) for row in csv.DictReader(stream)
-                if row.get("train/grad_norm")]  # fmt: skip
+        rows = [
+            (int(row["step"]), float(row["train/grad_norm"]))
+            for row in csv.DictReader(stream)
+            if row.get("train/grad_norm")
+        ]
     assert [step for step, _ in rows] == list(range(4)) and all(0 < n < float("inf") for _, n in rows)
     assert batch_keys(run_dir) == loader_stream[:4]  # the same batches as an uninterrupted run, across the resume
     check_export_matches_ema(run_dir, checkpoint)
     out = tmp_path / "raw_unet.safetensors"  # the export command on the sharded directory, raw weights
-    assert export.main([str(last), str(out), "--model", "tiny", "--raw", "--unet-only"]) == 0
+    assert export.main([str(last), str(out), "--raw", "--unet-only"]) == 0  # the model config: the run's
     model = fresh_tiny_model(seed=4)
     load_checkpoint(model, out, parts=["unet"])
     raw = unet_weights(checkpoint["state_dict"], "model.unet.")
@@ -146,7 +160,7 @@ def test_zero3_with_accumulation_trains_checkpoints_and_exports_the_gathered_ema
     last = run_dir / "checkpoints" / "last.ckpt"
     assert len(list((last / "checkpoint").glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))) == 2
     assert "no validation samples" in result.stdout and not (run_dir / "samples").exists()
-    checkpoint = export.load_training_checkpoint(last)
+    checkpoint = read_training_checkpoint(last)
     assert checkpoint["global_step"] == 3 and int(checkpoint["state_dict"]["ema.num_updates"]) == 3  # per step
     assert ds_config(last)["gradient_accumulation_steps"] == 2
     check_export_matches_ema(run_dir, checkpoint)
@@ -170,28 +184,28 @@ class CrashingTrainer:
 
 
 def test_a_crash_mid_save_leaves_resume_auto_the_last_complete_checkpoint(tmp_path):
-    save_checkpoint(CrashingTrainer(crash=False), tmp_path / "step000002.ckpt")
-    save_checkpoint(CrashingTrainer(crash=False), tmp_path / "last.ckpt")
+    save_training_checkpoint(CrashingTrainer(crash=False), tmp_path / "step000002.ckpt")
+    save_training_checkpoint(CrashingTrainer(crash=False), tmp_path / "last.ckpt")
     assert newest_checkpoint(tmp_path) == tmp_path / "last.ckpt"
     with pytest.raises(RuntimeError, match="mid-save"):
-        save_checkpoint(CrashingTrainer(crash=True), tmp_path / "last.ckpt")  # its rewrite dies
+        save_training_checkpoint(CrashingTrainer(crash=True), tmp_path / "last.ckpt")  # its rewrite dies
     assert is_sharded_checkpoint(tmp_path / "last.ckpt")  # half-written, and not counted:
     assert newest_checkpoint(tmp_path) == tmp_path / "step000002.ckpt"
 
 
 def test_checkpoint_and_strategy_mismatches_name_the_fix(tmp_path):
-    save_checkpoint(CrashingTrainer(crash=False), tmp_path / "ds.ckpt")
+    save_training_checkpoint(CrashingTrainer(crash=False), tmp_path / "ds.ckpt")
     (tmp_path / "file.ckpt").write_bytes(b"x")
     with pytest.raises(ValueError, match="DeepSpeed checkpoint directory but the strategy is not DeepSpeed"):
-        check_fits_strategy(tmp_path / "ds.ckpt", deepspeed=False)
+        check_fits_strategy(tmp_path / "ds.ckpt", "ddp")
     with pytest.raises(ValueError, match="resumes only from its own checkpoint directories"):
-        check_fits_strategy(tmp_path / "file.ckpt", deepspeed=True)
-    check_fits_strategy(tmp_path / "ds.ckpt", deepspeed=True)
+        check_fits_strategy(tmp_path / "file.ckpt", "deepspeed_stage_2")
+    check_fits_strategy(tmp_path / "ds.ckpt", "deepspeed_stage_2")
     (tmp_path / "plain").mkdir()
     with pytest.raises(ValueError, match="not a DeepSpeed checkpoint"):
-        export.load_training_checkpoint(tmp_path / "plain")
-    assert is_deepspeed_config({"_target_": "sgm.training.strategies.CPUDeepSpeedStrategy"})
-    assert is_deepspeed_config("deepspeed_stage_2") and not is_deepspeed_config("ddp")
+        read_training_checkpoint(tmp_path / "plain")
+    assert isinstance(plan_for({"_target_": "sgm.parallel.deepspeed_cpu.CPUDeepSpeedStrategy"}), DeepSpeedPlan)
+    assert isinstance(plan_for("deepspeed_stage_2"), DeepSpeedPlan) and not isinstance(plan_for("ddp"), DeepSpeedPlan)
 
 
 def test_ema_stays_fp32_and_whole_when_deepspeed_casts_the_module():
@@ -203,8 +217,8 @@ def test_ema_stays_fp32_and_whole_when_deepspeed_casts_the_module():
     assert "model.conditioner.embedders.1.model.logit_scale" in module.state_dict()  # same checkpoint key
     for param in module.parameters():  # what DeepSpeed's bf16 set-up does to the wrapped module
         param.data = param.data.to(torch.bfloat16)
-    assert all(p.dtype == torch.float32 for p in module.ema.shadow.parameters())
+    assert all(p.dtype == torch.float32 for p in module.ema.weights().values())
     state = module.state_dict()
-    assert state["ema.shadow.out.2.weight"].dtype == torch.float32 and "ema.num_updates" in state
+    assert state["ema.model.unet.out.2.weight"].dtype == torch.float32 and "ema.num_updates" in state
     module.double()  # .to / .double / .cuda reach the EMA
-    assert module.ema.shadow.out[2].weight.dtype == torch.float64
+    assert module.ema.weights()["model.unet.out.2.weight"].dtype == torch.float64

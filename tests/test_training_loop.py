@@ -26,10 +26,19 @@ def read_losses(path) -> list[float]:
 
 def test_a_short_run_lowers_the_loss_and_writes_its_outputs(tmp_path, shards):
     steps = 40
-    cfg = compose_train(fast_overrides(tmp_path / "run", shards, max_steps=steps, every=steps) + [
-        "module.lr=2e-3", "module.warmup_steps=0", "module.ema_decay=0.9", "data.square_size=32", "samples.height=32",
-        "samples.width=32", "trainer.gradient_clip_val=1.0", "seed=1",
-    ])  # fmt: skip
+    cfg = compose_train(
+        fast_overrides(tmp_path / "run", shards, max_steps=steps, every=steps)
+        + [
+            "module.lr=2e-3",
+            "module.warmup_steps=0",
+            "module.ema_decay=0.9",
+            "data.square_size=32",
+            "samples.height=32",
+            "samples.width=32",
+            "trainer.gradient_clip_val=1.0",
+            "seed=1",
+        ]
+    )
     outputs = run(cfg)
     losses = read_losses(tmp_path / "run" / "logs" / "metrics.csv")
     assert len(losses) == steps and all(map(torch.isfinite, torch.tensor(losses)))

@@ -31,8 +31,10 @@ BNB_QMAP_BYTES = 2 * 256 * 4  # bitsandbytes' two shared fp32 quantisation maps 
 # (conftest.py gives each environment its own TORCH_EXTENSIONS_DIR: another one's build would be recompiled).
 EXTENSIONS = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
 CPU_ADAM_BUILT = any(EXTENSIONS.glob("**/cpu_adam/cpu_adam*.so"))
-BUILD_CPU_ADAM = (f"TORCH_EXTENSIONS_DIR={EXTENSIONS} python -c "
-                  "'from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()'")  # fmt: skip
+BUILD_CPU_ADAM = (
+    f"TORCH_EXTENSIONS_DIR={EXTENSIONS} python -c "
+    "'from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()'"
+)
 
 # (name, lr): Adafactor's lr caps a step *relative* to each weight's RMS, so it takes a larger value.
 TRAINABLE = [
@@ -52,8 +54,9 @@ TRAINABLE = [
 def tiny_net() -> nn.Module:
     """Linear layers big enough for 8-bit state (>= 4096 values), a 3x3 conv, biases (1-D state)."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.Flatten(), nn.Linear(16 * 4 * 4, 128), nn.SiLU(),
-                         nn.Linear(128, 64))  # fmt: skip
+    return nn.Sequential(
+        nn.Conv2d(4, 16, 3, padding=1), nn.Flatten(), nn.Linear(16 * 4 * 4, 128), nn.SiLU(), nn.Linear(128, 64)
+    )
 
 
 def fit(name: str, lr: float, steps: int) -> tuple[list[float], torch.optim.Optimizer, nn.Module]:

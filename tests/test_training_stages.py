@@ -17,20 +17,16 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from training_utils import REPO, compose_train, make_shards
 
+from sgm.checkpoint.fingerprints import part_fingerprints
 from sgm.checkpoint.io import (
     CheckpointMismatchError,
     load_checkpoint,
     read_metadata,
     save_checkpoint,
 )
+from sgm.checkpoint.lineage import LineageError, read_lineage, write_lineage
+from sgm.checkpoint.pretrained import load_pretrained
 from sgm.models.build import build_model
-from sgm.training.lineage import (
-    LineageError,
-    load_pretrained,
-    part_fingerprints,
-    read_lineage,
-    write_lineage,
-)
 from sgm.training.run import build_module, run
 from sgm.training.stages import STAGES, final_weights, main, parent_of, stage_overrides
 
@@ -49,8 +45,13 @@ def pipeline(tmp_path_factory):
     Two steps each (a checkpoint at the end): enough for EMA weights that differ from the raw ones."""
     shards = make_shards(tmp_path_factory.mktemp("shards"), num_samples=48, num_emoji=4, samples_per_shard=12)
     root = tmp_path_factory.mktemp("stages")
-    extra = ["threads=1", f"data.shards={shards}/*.tar", f"demo_data.out={shards}", "trainer.max_steps=2",
-             "checkpoint.every_n_train_steps=2"]  # fmt: skip
+    extra = [
+        "threads=1",
+        f"data.shards={shards}/*.tar",
+        f"demo_data.out={shards}",
+        "trainer.max_steps=2",
+        "checkpoint.every_n_train_steps=2",
+    ]
     result = run_stages_cli(["--root", str(root), "--tiny", *extra])
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return root, ["experiment=tiny_stages", *extra], result.stdout
@@ -116,9 +117,9 @@ def test_refiner_shares_the_base_latent_space_and_text_tower(pipeline):
 def test_rerun_skips_finished_stages_and_a_resumed_stage_keeps_its_lineage(pipeline, capsys):
     root, extra, _ = pipeline
     before = {stage: final_weights(stage, root).stat().st_mtime_ns for stage in STAGES}
-    assert main(["--root", str(root), *extra]) == 0  # in-process: it must not start any train.py
+    assert main(["--root", str(root), *extra]) == 0  # in-process: it must not start any training (sgm.train)
     rerun = capsys.readouterr().out
-    assert rerun.count("finished, skipped") == 4 and "train.py" not in rerun
+    assert rerun.count("finished, skipped") == 4 and "sgm.train" not in rerun
     assert before == {stage: final_weights(stage, root).stat().st_mtime_ns for stage in STAGES}
 
     original = read_lineage(root / "refiner")
@@ -134,12 +135,21 @@ def test_rerun_skips_finished_stages_and_a_resumed_stage_keeps_its_lineage(pipel
 def test_stage_overrides_point_each_stage_at_its_parent(tmp_path):
     extra = ["experiment=tiny_stages", "pretrained=/released/base.safetensors", "pretrained_parts=[text_encoders,vae]"]
     first = stage_overrides("pretrain_256", tmp_path, extra)
-    assert first == ["stage=pretrain_256", f"run_dir={tmp_path}/pretrain_256", "name=pretrain_256",
-                     "experiment=tiny_stages/pretrain_256", *extra[1:]]  # fmt: skip
+    assert first == [
+        "stage=pretrain_256",
+        f"run_dir={tmp_path}/pretrain_256",
+        "name=pretrain_256",
+        "experiment=tiny_stages/pretrain_256",
+        *extra[1:],
+    ]
     refiner = stage_overrides("refiner", tmp_path, extra)
-    assert refiner == ["stage=refiner", f"run_dir={tmp_path}/refiner", "name=refiner",
-                       f"pretrained={tmp_path}/multiaspect_1024/multiaspect_1024_full.safetensors",
-                       "experiment=tiny_stages/refiner"]  # fmt: skip
+    assert refiner == [
+        "stage=refiner",
+        f"run_dir={tmp_path}/refiner",
+        "name=refiner",
+        f"pretrained={tmp_path}/multiaspect_1024/multiaspect_1024_full.safetensors",
+        "experiment=tiny_stages/refiner",
+    ]
     assert "~experiment" in stage_overrides("pretrain_512", tmp_path, ["data=webdataset"])  # not the demo preset
     assert stage_overrides("pretrain_512", tmp_path / "a b")[1] == f"run_dir='{tmp_path}/a b/pretrain_512'"
     for wrong in (["model=tiny"], ["name=x"], ["+run_dir=/x"]):

@@ -6,25 +6,47 @@ import math
 
 import pytest
 import torch
+from conftest import randomize_
 from torch import nn
 
-from conftest import randomize_
 from sgm.models.layers import GroupNorm32, timestep_embedding
 from sgm.models.unet import UNetModel
 
 UNET_PREFIX = "model.diffusion_model."
-REFINER_KWARGS = dict(model_channels=384, channel_mult=(1, 2, 4, 4), transformer_depth=(0, 4, 4, 0),
-                      transformer_depth_middle=4, context_dim=1280, adm_in_channels=2560)
+REFINER_KWARGS = {
+    "model_channels": 384,
+    "channel_mult": (1, 2, 4, 4),
+    "transformer_depth": (0, 4, 4, 0),
+    "transformer_depth_middle": 4,
+    "context_dim": 1280,
+    "adm_in_channels": 2560,
+}
 
 
 def tiny_unet_config(shape: str = "base") -> dict:
     """Tiny UNet kwargs shaped like SDXL base (3 levels) or the refiner (4 levels, attention on 1 and 2)."""
     if shape == "base":  # context 32 + 64 (two text towers), y = 64 pooled + 6 x 256
-        return dict(model_channels=32, channel_mult=(1, 2, 4), num_res_blocks=2, transformer_depth=(0, 1, 2),
-                    transformer_depth_middle=2, num_head_channels=16, context_dim=96, adm_in_channels=1600)
+        return {
+            "model_channels": 32,
+            "channel_mult": (1, 2, 4),
+            "num_res_blocks": 2,
+            "transformer_depth": (0, 1, 2),
+            "transformer_depth_middle": 2,
+            "num_head_channels": 16,
+            "context_dim": 96,
+            "adm_in_channels": 1600,
+        }
     if shape == "refiner":  # one text tower, y = 64 pooled + 5 x 256
-        return dict(model_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=1, transformer_depth=(0, 1, 1, 0),
-                    transformer_depth_middle=1, num_head_channels=16, context_dim=64, adm_in_channels=1344)
+        return {
+            "model_channels": 32,
+            "channel_mult": (1, 2, 4, 4),
+            "num_res_blocks": 1,
+            "transformer_depth": (0, 1, 1, 0),
+            "transformer_depth_middle": 1,
+            "num_head_channels": 16,
+            "context_dim": 64,
+            "adm_in_channels": 1344,
+        }
     raise ValueError(shape)
 
 
@@ -197,9 +219,9 @@ def test_group_norm_runs_in_fp32_and_keeps_input_dtype():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(transformer_depth=(0, 1)), "one transformer depth per level"),
-        (dict(model_channels=40), "norm_num_groups"),
-        (dict(num_head_channels=24), "num_head_channels"),
+        ({"transformer_depth": (0, 1)}, "one transformer depth per level"),
+        ({"model_channels": 40}, "norm_num_groups"),
+        ({"num_head_channels": 24}, "num_head_channels"),
     ],
 )
 def test_bad_config_fails_with_clear_message(kwargs, message):

@@ -12,11 +12,11 @@ import os
 
 import pytest
 import torch
-
 from conftest import randomize_
+from test_unet import tiny_unet_config
+
 from sgm.benchmarks.unet_train_step import diffusers_unet_config
 from sgm.models.unet import UNetModel
-from test_unet import tiny_unet_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers")
@@ -57,8 +57,9 @@ def test_matches_diffusers_from_official_layout(shape, num_time_ids):
     with torch.no_grad():
         got = ours(x, timesteps, context, y)
         other_timesteps = ours(x, timesteps.flip(0), context, y)
-        want = reference(x, timesteps, encoder_hidden_states=context,
-                         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        want = reference(
+            x, timesteps, encoder_hidden_states=context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}
+        ).sample
     scale = want.abs().max().item()
     assert scale > 0.05  # the randomized model produces a real signal
     print(f"max |ours - diffusers| = {(got - want).abs().max().item():.3g}, output scale {scale:.3g}")

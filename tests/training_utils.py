@@ -11,14 +11,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from sgm.models.build import build_model, config_root, load_model_config
-from sgm.training.strategies import is_deepspeed_config
+from sgm.parallel import DeepSpeedPlan, plan_for
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def make_shards(folder: Path, num_samples: int = 48, num_emoji: int = 4, samples_per_shard: int = 16) -> Path:
     """Real emoji demo shards (few samples, few emoji) in `folder`."""
-    from data.build_demo_dataset import build_demo_dataset
+    from sgm.data.demo_dataset import build_demo_dataset
 
     if not list(folder.glob("*.tar")):
         build_demo_dataset(folder, num_samples=num_samples, num_emoji=num_emoji, samples_per_shard=samples_per_shard)
@@ -105,7 +105,7 @@ def check_train_config(relative: str, tmp_path: Path) -> None:
     if len(parts) == 3 and parts[0] == "experiment" and (REPO / "configs" / "stage" / f"{parts[2]}.yaml").is_file():
         overrides.append(f"stage={parts[2]}")  # a preset's per-stage file (experiment/NAME/<stage>.yaml)
     shards = make_shards(tmp_path / "shards", num_samples=8, num_emoji=2, samples_per_shard=8)
-    common = [f"data.shards={shards}/*.tar", "data.num_workers=0", f"run_dir={tmp_path / 'run'}"]
+    common = [f"data.shards={shards}/*.tar", "data.num_workers=0", f"run_dir={tmp_path / 'run'}", "name=check"]
     cfg = compose_train(overrides + common)
     for full, stand_in in FULL_SIZE_STAND_INS.items():  # a stage that picks a full-size model
         if cfg.model == load_model_config(full):
@@ -117,7 +117,7 @@ def check_train_config(relative: str, tmp_path: Path) -> None:
     loader = instantiate(cfg.data)(rank=0, world_size=1)
     batch = next(iter(loader))
     assert batch["latents"].dtype.is_floating_point if "latents" in batch else batch["jpg"].dtype == torch.uint8
-    if is_deepspeed_config(cfg.trainer.get("strategy")):
+    if isinstance(plan_for(cfg.trainer.get("strategy")), DeepSpeedPlan):
         use_cpu_deepspeed(cfg)
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         unknown = set(cfg.trainer) - set(inspect.signature(pl.Trainer).parameters)
@@ -135,7 +135,7 @@ def use_cpu_deepspeed(cfg: DictConfig) -> None:
 
     stock = instantiate(cfg.trainer.strategy, _convert_="all")
     assert isinstance(stock, DeepSpeedStrategy) and stock.config["zero_optimization"]["stage"] in (2, 3)
-    cfg.trainer.strategy._target_ = "sgm.training.strategies.CPUDeepSpeedStrategy"
+    cfg.trainer.strategy._target_ = "sgm.parallel.deepspeed_cpu.CPUDeepSpeedStrategy"
     cfg.trainer.accelerator, cfg.trainer.devices = "cpu", 1
 
 

@@ -60,8 +60,9 @@ def _write_tar(path: Path, members: Sequence[tuple[str, bytes]]) -> str:
     return str(path)
 
 
-def make_jpeg_shards(root: Path, num_shards: int = 4, per_shard: int = 6,
-                     sizes: Sequence[tuple[int, int]] = PHOTO_SIZES, seed: int = 0) -> list[str]:  # fmt: skip
+def make_jpeg_shards(
+    root: Path, num_shards: int = 4, per_shard: int = 6, sizes: Sequence[tuple[int, int]] = PHOTO_SIZES, seed: int = 0
+) -> list[str]:
     """img2dataset-style shards of noisy-gradient JPEGs (quality 90) of the given (h, w) sizes."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -77,15 +78,19 @@ def make_jpeg_shards(root: Path, num_shards: int = 4, per_shard: int = 6,
             Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
             key = f"{shard:05d}{index:04d}"
             meta = {"key": key, "width": width, "height": height, "original_width": width, "original_height": height}
-            members += [(f"{key}.jpg", buffer.getvalue()), (f"{key}.txt", f"image {index}".encode()),
-                        (f"{key}.json", json.dumps(meta).encode())]  # fmt: skip
+            members += [
+                (f"{key}.jpg", buffer.getvalue()),
+                (f"{key}.txt", f"image {index}".encode()),
+                (f"{key}.json", json.dumps(meta).encode()),
+            ]
             index += 1
         shards.append(_write_tar(root / f"{shard:05d}.tar", members))
     return shards
 
 
-def make_latent_shards(root: Path, buckets: Sequence[tuple[int, int]], num_samples: int, text: bool,
-                       num_shards: int = 4, seed: int = 0) -> list[str]:  # fmt: skip
+def make_latent_shards(
+    root: Path, buckets: Sequence[tuple[int, int]], num_samples: int, text: bool, num_shards: int = 4, seed: int = 0
+) -> list[str]:
     """Cached-latent shards (latent_cache format) with random fp16 latents over the bucket sizes."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -96,12 +101,19 @@ def make_latent_shards(root: Path, buckets: Sequence[tuple[int, int]], num_sampl
         for index in range(shard * per_shard, min(num_samples, (shard + 1) * per_shard)):
             height, width = buckets[index % len(buckets)]
             latent = rng.standard_normal((4, height // 8, width // 8)).astype(np.float16)
-            meta = {"key": f"{index:09d}", "caption": f"image {index}", "original_size_as_tuple": [height, width],
-                    "crop_coords_top_left": [0, 0], "target_size_as_tuple": [height, width]}  # fmt: skip
+            meta = {
+                "key": f"{index:09d}",
+                "caption": f"image {index}",
+                "original_size_as_tuple": [height, width],
+                "crop_coords_top_left": [0, 0],
+                "target_size_as_tuple": [height, width],
+            }
             embeddings = None
             if text:
-                embeddings = {name: torch.from_numpy(rng.standard_normal(shape).astype(np.float16))
-                              for name, shape in SDXL_TEXT.items()}  # fmt: skip
+                embeddings = {
+                    name: torch.from_numpy(rng.standard_normal(shape).astype(np.float16))
+                    for name, shape in SDXL_TEXT.items()
+                }
             members += latent_members(f"{index:09d}", latent, meta, embeddings)
         shards.append(_write_tar(root / f"{shard:05d}.tar", members))
     return shards
@@ -180,8 +192,15 @@ def run_in(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     else:
         shards = make_jpeg_shards(work / "jpeg", per_shard=args.images_per_shard)
     images = read_images(shards)
-    results: dict[str, Any] = {"workers": args.workers, "batch_size": args.batch_size, "batches": args.batches,
-                               "repeats": args.repeats, "images": len(images), "jpeg": [], "latents": []}  # fmt: skip
+    results: dict[str, Any] = {
+        "workers": args.workers,
+        "batch_size": args.batch_size,
+        "batches": args.batches,
+        "repeats": args.repeats,
+        "images": len(images),
+        "jpeg": [],
+        "latents": [],
+    }
     torch.set_num_threads(1)
     epochs = max(1, -(-args.batches * args.batch_size // len(images)))  # whole epochs for the CPU figures
     for resolution in args.resolution:
@@ -189,58 +208,85 @@ def run_in(work: Path, args: argparse.Namespace) -> dict[str, Any]:
             table_arg = {"square_size": resolution} if layout == "square" else {"base_resolution": resolution}
 
             def make(workers: int, epochs: int | None = None, table_arg: dict = table_arg) -> BucketedLoader:
-                return BucketedLoader(shards, batch_size=args.batch_size, num_workers=workers, seed=0,
-                                      shuffle_buffer=8, num_epochs=epochs, **table_arg)  # fmt: skip
+                return BucketedLoader(
+                    shards,
+                    batch_size=args.batch_size,
+                    num_workers=workers,
+                    seed=0,
+                    shuffle_buffer=8,
+                    num_epochs=epochs,
+                    **table_arg,
+                )
 
             # Both sides process the same multiset of images (whole epochs), alternating, and the
             # overhead is the median of the paired ratios: a slow spell on a shared machine hits
             # both sides of a pair, and image sizes (which set the cost) are balanced.
-            pairs = [(time_epochs(lambda: make(0, epochs)), plain_loop(images, table, epochs * len(images))[1])
-                     for _ in range(args.repeats)]  # fmt: skip
+            pairs = [
+                (time_epochs(lambda: make(0, epochs)), plain_loop(images, table, epochs * len(images))[1])
+                for _ in range(args.repeats)
+            ]
             per_worker = None
             if args.workers > 0:
                 wall, _ = median_of(args.repeats, lambda: time_loader(lambda: make(args.workers), args.batches))
                 per_worker = wall / args.workers
-            results["jpeg"].append({
-                "resolution": resolution, "buckets": layout,
-                "images_per_cpu_s": statistics.median(p[0] for p in pairs),
-                "plain_images_per_cpu_s": statistics.median(p[1] for p in pairs),
-                "overhead": statistics.median(plain / loader - 1.0 for loader, plain in pairs),
-                "images_per_s_per_worker": per_worker,
-            })  # fmt: skip
+            results["jpeg"].append(
+                {
+                    "resolution": resolution,
+                    "buckets": layout,
+                    "images_per_cpu_s": statistics.median(p[0] for p in pairs),
+                    "plain_images_per_cpu_s": statistics.median(p[1] for p in pairs),
+                    "overhead": statistics.median(plain / loader - 1.0 for loader, plain in pairs),
+                    "images_per_s_per_worker": per_worker,
+                }
+            )
         for text in (False, True):
             root = work / f"latents-{resolution}-{'text' if text else 'plain'}"
             latent_shards = make_latent_shards(root, bucket_table(resolution), args.latent_samples, text)
 
             def make_latents(latent_shards: list[str] = latent_shards, text: bool = text) -> LatentLoader:
-                return LatentLoader(latent_shards, batch_size=args.batch_size, num_workers=0, shuffle_buffer=64,
-                                    text_embeddings=text)  # fmt: skip
+                return LatentLoader(
+                    latent_shards, batch_size=args.batch_size, num_workers=0, shuffle_buffer=64, text_embeddings=text
+                )
 
             batches = max(1, args.latent_samples // args.batch_size // 2)
             wall, cpu = median_of(args.repeats, lambda batches=batches: time_loader(make_latents, batches))
-            results["latents"].append({"resolution": resolution, "text_embeddings": text,
-                                       "samples_per_cpu_s": cpu, "samples_per_s": wall})  # fmt: skip
+            results["latents"].append(
+                {"resolution": resolution, "text_embeddings": text, "samples_per_cpu_s": cpu, "samples_per_s": wall}
+            )
     return results
 
 
 def format_table(results: dict[str, Any]) -> str:
     workers = results["workers"]
-    lines = [(f"JPEG path: BucketedLoader vs plain PIL loop on the same {results['images']} images, batch "
-              f"{results['batch_size']}, median of {results['repeats']}; per CPU-second in one process "
-              f"(num_workers=0), and wall-clock per worker with {workers} worker(s)"),
-             (f"{'res':>5} {'buckets':<13} {'loader img/cpu-s':>17} {'plain img/cpu-s':>16} {'overhead':>9} "
-              f"{'loader img/s/worker':>20}")]  # fmt: skip
+    lines = [
+        (
+            f"JPEG path: BucketedLoader vs plain PIL loop on the same {results['images']} images, batch "
+            f"{results['batch_size']}, median of {results['repeats']}; per CPU-second in one process "
+            f"(num_workers=0), and wall-clock per worker with {workers} worker(s)"
+        ),
+        (
+            f"{'res':>5} {'buckets':<13} {'loader img/cpu-s':>17} {'plain img/cpu-s':>16} {'overhead':>9} "
+            f"{'loader img/s/worker':>20}"
+        ),
+    ]
     for row in results["jpeg"]:
         flag = "" if row["overhead"] <= OVERHEAD_TARGET else "  (> 10% target)"
         worker = "-" if row["images_per_s_per_worker"] is None else f"{row['images_per_s_per_worker']:.1f}"
-        lines.append(f"{row['resolution']:>5} {row['buckets']:<13} {row['images_per_cpu_s']:>17.1f} "
-                     f"{row['plain_images_per_cpu_s']:>16.1f} {row['overhead']:>8.1%} {worker:>20}{flag}")  # fmt: skip
-    lines += ["", "cached latents: LatentLoader in one process (num_workers=0)",
-              f"{'res':>5} {'text emb.':<10} {'samples/cpu-s':>14} {'samples/s':>10}"]  # fmt: skip
+        lines.append(
+            f"{row['resolution']:>5} {row['buckets']:<13} {row['images_per_cpu_s']:>17.1f} "
+            f"{row['plain_images_per_cpu_s']:>16.1f} {row['overhead']:>8.1%} {worker:>20}{flag}"
+        )
+    lines += [
+        "",
+        "cached latents: LatentLoader in one process (num_workers=0)",
+        f"{'res':>5} {'text emb.':<10} {'samples/cpu-s':>14} {'samples/s':>10}",
+    ]
     for row in results["latents"]:
         flag = "" if row["samples_per_cpu_s"] >= LATENT_TARGET else "  (< 1500 target)"
-        lines.append(f"{row['resolution']:>5} {'yes' if row['text_embeddings'] else 'no':<10} "
-                     f"{row['samples_per_cpu_s']:>14.0f} {row['samples_per_s']:>10.0f}{flag}")  # fmt: skip
+        lines.append(
+            f"{row['resolution']:>5} {'yes' if row['text_embeddings'] else 'no':<10} "
+            f"{row['samples_per_cpu_s']:>14.0f} {row['samples_per_s']:>10.0f}{flag}"
+        )
     return "\n".join(lines)
 
 

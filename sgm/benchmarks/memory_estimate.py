@@ -20,6 +20,8 @@ Every figure comes from the real model built on the meta device (no memory, no c
 - overhead (assumed, not derived): 0.5 GiB CUDA context and workspaces + 5% allocator fragmentation;
 - ZeRO-2 optimizer offload (DeepSpeed, bf16): bf16 weights on the GPU, gradients streamed to the host
   through the reduce/allgather buckets, fp32 master weights, gradients and Adam moments in host memory.
+  Whether a setup offloads, and its bucket sizes, come from its shipped strategy config through the
+  parallelism seam (`sgm.parallel.plan_for`).
   GPU and host figures follow DeepSpeed's own `estimate_zero2_model_states_mem_needs` (2 bytes per
   parameter on the GPU; 16 x 1.5 bytes per parameter of host memory) plus the buckets.
 Not yet measured on a GPU. `python -m sgm.benchmarks.unet_train_step --config sdxl_base --precision bf16
@@ -30,6 +32,7 @@ a real preset run's peak is `torch.cuda.max_memory_allocated()` after a few step
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Sequence
@@ -39,15 +42,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from sgm.models.build import build_model
+from sgm.models.build import build_model, config_root
+from sgm.parallel import ParallelPlan, plan_for
 from sgm.training.optim import state_bytes_per_tensor
 
 GIB = 2**30
 CONTEXT_BYTES, FRAGMENTATION = 0.5 * GIB, 0.05
-BUCKET_ELEMENTS = 2 * 200_000_000  # reduce + allgather bucket (configs/strategy/deepspeed_zero2_offload.yaml), bf16
+BUCKET_BYTES = 2  # the reduce and allgather buckets hold bf16 values
 # precision -> (bytes per weight, bytes per gradient on the GPU, compute dtype, autocast)
 PRECISIONS = {
     "32-true": (4, 4, torch.float32, False),
@@ -57,17 +62,29 @@ PRECISIONS = {
 }
 
 
+@functools.cache
+def strategy_plan(name: str) -> ParallelPlan:
+    """The parallel plan of a shipped strategy config, configs/strategy/<name>.yaml."""
+    return plan_for(OmegaConf.to_container(OmegaConf.load(config_root() / "strategy" / f"{name}.yaml")).get("strategy"))
+
+
 @dataclass(frozen=True)
 class Setup:
-    """One way to run a full UNet fine-tune; `config` names the shipped preset that sets it up."""
+    """One way to run a full UNet fine-tune; `strategy` names its configs/strategy file, `config` the shipped
+    preset that sets it up."""
 
     name: str
     precision: str
     optimizer: str
     gradient_checkpointing: bool = True
     cached: bool = True  # latents and text embeddings cached: VAE and text encoders not on the GPU
-    zero2_offload: bool = False
+    strategy: str = "auto"
     config: str = ""
+
+    @property
+    def zero2_offload(self) -> bool:
+        """Whether the optimizer state and master weights live in host memory (ZeRO optimizer offload)."""
+        return strategy_plan(self.strategy).offloads_optimizer
 
 
 SETUPS = (
@@ -80,7 +97,7 @@ SETUPS = (
         "finetune_24gb_zero2_offload",
         "deepspeed-bf16",
         "deepspeed_cpu_adam",
-        zero2_offload=True,
+        strategy="deepspeed_zero2_offload",
         config="experiment=finetune_24gb_zero2_offload",
     ),
     Setup("bf16_true_adafactor", "bf16-true", "adafactor"),
@@ -184,8 +201,11 @@ def activation_bytes(unet: nn.Module, resolution: int, batch_size: int, precisio
             saved[current[0], key in mode.weight_copies][key] = t.untyped_storage().nbytes()
         return t
 
-    handles = [h for name, b in blocks.items()
-               for h in (b.register_forward_pre_hook(enter(name)), b.register_forward_hook(leave))]  # fmt: skip
+    handles = [
+        h
+        for name, b in blocks.items()
+        for h in (b.register_forward_pre_hook(enter(name)), b.register_forward_hook(leave))
+    ]
     try:
         with mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             unet(x, torch.zeros(batch_size, dtype=torch.long, device="meta"), context, y)
@@ -204,8 +224,14 @@ def activation_bytes(unet: nn.Module, resolution: int, batch_size: int, precisio
     }
 
 
-def estimate(setup: Setup, model: str = "sdxl_base", resolution: int = 1024, batch_size: int = 1,
-             accumulate_grad_batches: int = 1, counts: dict[str, Any] | None = None) -> Estimate:  # fmt: skip
+def estimate(
+    setup: Setup,
+    model: str = "sdxl_base",
+    resolution: int = 1024,
+    batch_size: int = 1,
+    accumulate_grad_batches: int = 1,
+    counts: dict[str, Any] | None = None,
+) -> Estimate:
     """The memory estimate of one setup; `counts` (from `model_counts`) saves rebuilding the model."""
     counts = counts or model_counts(model, resolution, batch_size)
     weight_bytes, grad_bytes, dtype, autocast = PRECISIONS[setup.precision]
@@ -222,19 +248,34 @@ def estimate(setup: Setup, model: str = "sdxl_base", resolution: int = 1024, bat
     acts = counts["activations"][setup.precision]
     activations, kept = acts["backward" + suffix], acts["forward" + suffix]
     cache = unet_params * 2 if autocast else 0
-    buckets = BUCKET_ELEMENTS * 2 if setup.zero2_offload else 0
+    buckets = strategy_plan(setup.strategy).bucket_elements * BUCKET_BYTES if setup.zero2_offload else 0
     base = weights + state + frozen + buckets
     forward_peak = base + cache + kept + (grads if accumulate_grad_batches > 1 else 0)
     backward_peak = base + grads + activations
     peak = max(forward_peak, backward_peak)
     overhead = int(CONTEXT_BYTES + FRAGMENTATION * peak)
     host = int(unet_params * 16 * 1.5) if setup.zero2_offload else 0
-    return Estimate(setup.name, weights, grads, state, frozen, activations, cache, buckets, forward_peak,
-                    backward_peak, overhead, peak + overhead, host, setup.config)  # fmt: skip
+    return Estimate(
+        setup.name,
+        weights,
+        grads,
+        state,
+        frozen,
+        activations,
+        cache,
+        buckets,
+        forward_peak,
+        backward_peak,
+        overhead,
+        peak + overhead,
+        host,
+        setup.config,
+    )
 
 
-def model_counts(model: str = "sdxl_base", resolution: int = 1024, batch_size: int = 1,
-                 setups: Sequence[Setup] = SETUPS) -> dict[str, Any]:  # fmt: skip
+def model_counts(
+    model: str = "sdxl_base", resolution: int = 1024, batch_size: int = 1, setups: Sequence[Setup] = SETUPS
+) -> dict[str, Any]:
     """Parameter counts and shapes (the model built on meta) and the activations each setup needs."""
     sdxl = build_model(model, device="meta")
     unet_params = sum(p.numel() for p in sdxl.unet.parameters())
@@ -255,8 +296,19 @@ def model_counts(model: str = "sdxl_base", resolution: int = 1024, batch_size: i
 
 def format_table(estimates: Sequence[Estimate], gpu_gib: float) -> str:
     """A text table in GiB: the parts, the two phase peaks, and TOTAL = the larger peak + overhead."""
-    columns = ("weights", "grads", "optimizer_state", "frozen_parts", "activations", "autocast_cache", "buckets",
-               "forward_peak", "backward_peak", "overhead", "total")  # fmt: skip
+    columns = (
+        "weights",
+        "grads",
+        "optimizer_state",
+        "frozen_parts",
+        "activations",
+        "autocast_cache",
+        "buckets",
+        "forward_peak",
+        "backward_peak",
+        "overhead",
+        "total",
+    )
     heads = ("weights", "grads", "optim", "frozen", "acts", "cast", "bucket", "fwd", "bwd", "overh", "TOTAL")
     lines = [f"{'setup (ESTIMATES, GiB)':28s}" + "".join(f"{h:>7s}" for h in heads) + f"  <={gpu_gib:g}  host RAM"]
     for e in estimates:
@@ -278,10 +330,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.resolution % 64 or args.batch_size < 1:
         parser.error(f"--resolution must be a multiple of 64 (got {args.resolution}) and --batch-size >= 1")
     counts = model_counts(args.model, args.resolution, args.batch_size)
-    estimates = [estimate(s, args.model, args.resolution, args.batch_size, args.accumulate_grad_batches, counts)
-                 for s in SETUPS]  # fmt: skip
-    print(f"{args.model}: {counts['unet_params']:,} UNet parameters (+{counts['frozen_params']:,} frozen), "
-          f"{args.resolution} px, batch {args.batch_size}, accumulate {args.accumulate_grad_batches}")  # fmt: skip
+    estimates = [
+        estimate(s, args.model, args.resolution, args.batch_size, args.accumulate_grad_batches, counts) for s in SETUPS
+    ]
+    print(
+        f"{args.model}: {counts['unet_params']:,} UNet parameters (+{counts['frozen_params']:,} frozen), "
+        f"{args.resolution} px, batch {args.batch_size}, accumulate {args.accumulate_grad_batches}"
+    )
     print(format_table(estimates, args.gpu_gib))
     print(
         "ESTIMATES from parameter counts and a meta-device forward (activations +-30%), not measurements; "

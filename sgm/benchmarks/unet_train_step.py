@@ -36,15 +36,46 @@ from torch.utils.flop_counter import FlopCounterMode
 from sgm.models.unet import UNetModel
 
 UNET_CONFIGS: dict[str, dict[str, Any]] = {
-    "tiny": dict(model_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1, transformer_depth=(0, 1, 1),
-                 transformer_depth_middle=1, num_head_channels=16, context_dim=96, adm_in_channels=1600),
-    "small": dict(model_channels=96, channel_mult=(1, 2, 4), num_res_blocks=2, transformer_depth=(0, 2, 4),
-                  transformer_depth_middle=4, num_head_channels=64, context_dim=2048, adm_in_channels=2816),
-    "sdxl_base": dict(model_channels=320, channel_mult=(1, 2, 4), num_res_blocks=2, transformer_depth=(0, 2, 10),
-                      transformer_depth_middle=10, num_head_channels=64, context_dim=2048, adm_in_channels=2816),
-    "sdxl_refiner": dict(model_channels=384, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
-                         transformer_depth=(0, 4, 4, 0), transformer_depth_middle=4, num_head_channels=64,
-                         context_dim=1280, adm_in_channels=2560),
+    "tiny": {
+        "model_channels": 32,
+        "channel_mult": (1, 2, 4),
+        "num_res_blocks": 1,
+        "transformer_depth": (0, 1, 1),
+        "transformer_depth_middle": 1,
+        "num_head_channels": 16,
+        "context_dim": 96,
+        "adm_in_channels": 1600,
+    },
+    "small": {
+        "model_channels": 96,
+        "channel_mult": (1, 2, 4),
+        "num_res_blocks": 2,
+        "transformer_depth": (0, 2, 4),
+        "transformer_depth_middle": 4,
+        "num_head_channels": 64,
+        "context_dim": 2048,
+        "adm_in_channels": 2816,
+    },
+    "sdxl_base": {
+        "model_channels": 320,
+        "channel_mult": (1, 2, 4),
+        "num_res_blocks": 2,
+        "transformer_depth": (0, 2, 10),
+        "transformer_depth_middle": 10,
+        "num_head_channels": 64,
+        "context_dim": 2048,
+        "adm_in_channels": 2816,
+    },
+    "sdxl_refiner": {
+        "model_channels": 384,
+        "channel_mult": (1, 2, 4, 4),
+        "num_res_blocks": 2,
+        "transformer_depth": (0, 4, 4, 0),
+        "transformer_depth_middle": 4,
+        "num_head_channels": 64,
+        "context_dim": 1280,
+        "adm_in_channels": 2560,
+    },
 }
 CONTEXT_TOKENS = 77
 NUM_TIME_IDS = 6  # diffusers splits y into pooled text + 256-d Fourier features of each micro-condition
@@ -81,8 +112,9 @@ def ours_forward(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
 
 def diffusers_forward(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
     added = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
-    return model(inputs["x"], inputs["timesteps"], encoder_hidden_states=inputs["context"],
-                 added_cond_kwargs=added).sample
+    return model(
+        inputs["x"], inputs["timesteps"], encoder_hidden_states=inputs["context"], added_cond_kwargs=added
+    ).sample
 
 
 def diffusers_unet_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -90,23 +122,34 @@ def diffusers_unet_config(cfg: dict[str, Any]) -> dict[str, Any]:
     mults, depths = tuple(cfg["channel_mult"]), tuple(cfg["transformer_depth"])
     middle, head_channels, width = cfg["transformer_depth_middle"], cfg["num_head_channels"], cfg["model_channels"]
     if middle < 1 or (depths[-1] > 0 and depths[-1] != middle):
-        raise ValueError("diffusers' mid block has the last level's transformer depth (and always attention); "
-                         f"transformer_depth_middle={middle} with transformer_depth={depths} has no diffusers twin")
+        raise ValueError(
+            "diffusers' mid block has the last level's transformer depth (and always attention); "
+            f"transformer_depth_middle={middle} with transformer_depth={depths} has no diffusers twin"
+        )
     attn = [d > 0 for d in depths]
-    return dict(
-        sample_size=128, in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4),
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        block_out_channels=tuple(m * width for m in mults), layers_per_block=cfg["num_res_blocks"],
-        transformer_layers_per_block=(depths[:-1] + (middle,)) if depths[-1] == 0 else depths,
-        attention_head_dim=tuple(m * width // head_channels for m in mults),  # number of heads, as diffusers SDXL
-        cross_attention_dim=cfg["context_dim"], use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=TIME_ID_DIM,
-        projection_class_embeddings_input_dim=cfg["adm_in_channels"],
-        norm_num_groups=cfg.get("norm_num_groups", 32), norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0,
-        act_fn="silu", upcast_attention=False,
-    )
+    return {
+        "sample_size": 128,
+        "in_channels": cfg.get("in_channels", 4),
+        "out_channels": cfg.get("out_channels", 4),
+        "down_block_types": tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        "up_block_types": tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "block_out_channels": tuple(m * width for m in mults),
+        "layers_per_block": cfg["num_res_blocks"],
+        "transformer_layers_per_block": (depths[:-1] + (middle,)) if depths[-1] == 0 else depths,
+        "attention_head_dim": tuple(m * width // head_channels for m in mults),  # number of heads, as diffusers SDXL
+        "cross_attention_dim": cfg["context_dim"],
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": TIME_ID_DIM,
+        "projection_class_embeddings_input_dim": cfg["adm_in_channels"],
+        "norm_num_groups": cfg.get("norm_num_groups", 32),
+        "norm_eps": 1e-5,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "act_fn": "silu",
+        "upcast_attention": False,
+    }
 
 
 def build_diffusers_unet(cfg: dict[str, Any]) -> nn.Module:
@@ -118,8 +161,11 @@ def build_diffusers_unet(cfg: dict[str, Any]) -> nn.Module:
 
 
 def count_train_step_flops(
-    build: Callable[[], nn.Module], forward: Callable[[nn.Module, dict[str, Tensor]], Tensor],
-    cfg: dict[str, Any], batch_size: int, resolution: int,
+    build: Callable[[], nn.Module],
+    forward: Callable[[nn.Module, dict[str, Tensor]], Tensor],
+    cfg: dict[str, Any],
+    batch_size: int,
+    resolution: int,
 ) -> int:
     """Forward + backward FLOPs of one training step, counted on the meta device."""
     with torch.device("meta"):
@@ -180,8 +226,13 @@ def _rss_bytes() -> int:
 
 
 def time_train_steps(
-    model: nn.Module, forward: Callable[[nn.Module, dict[str, Tensor]], Tensor], inputs: dict[str, Tensor],
-    precision: str, steps: int, warmup: int, device: torch.device,
+    model: nn.Module,
+    forward: Callable[[nn.Module, dict[str, Tensor]], Tensor],
+    inputs: dict[str, Tensor],
+    precision: str,
+    steps: int,
+    warmup: int,
+    device: torch.device,
 ) -> tuple[list[float], int]:
     """Seconds of each timed step (after warmup) and peak memory, for forward + MSE backward + AdamW."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -245,18 +296,29 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if args.compare_diffusers:
         candidates.append(("diffusers", lambda ckpt: _diffusers_model(cfg, ckpt), diffusers_forward))
     peak = peak_flops(device, args.precision, args.peak_tflops)
-    results: dict[str, Any] = {"config": args.config, "resolution": args.resolution, "batch_size": args.batch_size,
-                               "precision": args.precision, "device": _device_name(device), "models": {}}
+    results: dict[str, Any] = {
+        "config": args.config,
+        "resolution": args.resolution,
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "device": _device_name(device),
+        "models": {},
+    }
     for name, build, forward in candidates:
-        flops = count_train_step_flops(lambda: build(False), forward, cfg, 1, args.resolution)
+        flops = count_train_step_flops(lambda build=build: build(False), forward, cfg, 1, args.resolution)
         model = build(args.gradient_checkpointing).to(device)
         times, peak_bytes = time_train_steps(model, forward, inputs, args.precision, args.steps, args.warmup, device)
         images_per_s = args.batch_size / statistics.median(times)
         achieved = flops * images_per_s
         results["models"][name] = {
-            "params": sum(p.numel() for p in model.parameters()), "step_s_median": statistics.median(times),
-            "step_s_best": min(times), "step_s_all": times, "images_per_s": images_per_s,
-            "flops_per_image": flops, "achieved_flops_per_s": achieved, "peak_memory_bytes": peak_bytes,
+            "params": sum(p.numel() for p in model.parameters()),
+            "step_s_median": statistics.median(times),
+            "step_s_best": min(times),
+            "step_s_all": times,
+            "images_per_s": images_per_s,
+            "flops_per_image": flops,
+            "achieved_flops_per_s": achieved,
+            "peak_memory_bytes": peak_bytes,
             "mfu": achieved / peak if peak else None,
         }
         del model
@@ -283,21 +345,30 @@ def _device_name(device: torch.device) -> str:
 def format_table(results: dict[str, Any]) -> str:
     """A small fixed-width table, one row per model."""
     mem_label = "peak RSS rise GiB" if results["device"].startswith("cpu") else "peak mem GiB"
-    header = f"{'model':<10} {'params M':>9} {'step s med':>10} {'step s best':>11} {'img/s':>8} {'TFLOP/img':>10} " \
-             f"{'TFLOP/s':>8} {mem_label:>17} {'MFU':>7}"
-    lines = [f"UNet train step: config={results['config']} res={results['resolution']} "
-             f"batch={results['batch_size']} precision={results['precision']} device={results['device']}", header]
+    header = (
+        f"{'model':<10} {'params M':>9} {'step s med':>10} {'step s best':>11} {'img/s':>8} {'TFLOP/img':>10} "
+        f"{'TFLOP/s':>8} {mem_label:>17} {'MFU':>7}"
+    )
+    lines = [
+        f"UNet train step: config={results['config']} res={results['resolution']} "
+        f"batch={results['batch_size']} precision={results['precision']} device={results['device']}",
+        header,
+    ]
     for name, m in results["models"].items():
         mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "n/a"
-        lines.append(f"{name:<10} {m['params'] / 1e6:>9.1f} {m['step_s_median']:>10.3f} {m['step_s_best']:>11.3f} "
-                     f"{m['images_per_s']:>8.3f} "
-                     f"{m['flops_per_image'] / 1e12:>10.4f} {m['achieved_flops_per_s'] / 1e12:>8.3f} "
-                     f"{m['peak_memory_bytes'] / 2**30:>17.2f} {mfu:>7}")
+        lines.append(
+            f"{name:<10} {m['params'] / 1e6:>9.1f} {m['step_s_median']:>10.3f} {m['step_s_best']:>11.3f} "
+            f"{m['images_per_s']:>8.3f} "
+            f"{m['flops_per_image'] / 1e12:>10.4f} {m['achieved_flops_per_s'] / 1e12:>8.3f} "
+            f"{m['peak_memory_bytes'] / 2**30:>17.2f} {mfu:>7}"
+        )
     if results["peak_flops_per_s"] is None:
         lines.append("MFU: unknown peak for this device (pass --peak-tflops)")
     if "ratio_ours_over_diffusers" in results:
-        lines.append(f"throughput ratio ours/diffusers: {results['ratio_ours_over_diffusers']:.3f} (median step), "
-                     f"{results['ratio_ours_over_diffusers_best']:.3f} (best step)")
+        lines.append(
+            f"throughput ratio ours/diffusers: {results['ratio_ours_over_diffusers']:.3f} (median step), "
+            f"{results['ratio_ours_over_diffusers_best']:.3f} (best step)"
+        )
     return "\n".join(lines)
 
 
@@ -306,8 +377,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", choices=sorted(UNET_CONFIGS), default="tiny")
     parser.add_argument("--resolution", type=int, default=256, help="image side in pixels (latent = /8)")
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
-                        help="bf16 = autocast with fp32 weights; tf32 = fp32 with TF32 tensor cores (CUDA)")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "tf32", "bf16"],
+        default="fp32",
+        help="bf16 = autocast with fp32 weights; tf32 = fp32 with TF32 tensor cores (CUDA)",
+    )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

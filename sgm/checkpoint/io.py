@@ -66,9 +66,7 @@ def compare_layout(
     """Raise one CheckpointMismatchError listing missing, unexpected and shape-mismatched keys."""
     parts = check_parts(parts)
     found = {k: v for k, v in found.items() if part_of_key(k) in parts or part_of_key(k) is None}
-    missing = sorted(
-        k for k in expected if k not in found and not k.endswith(OPTIONAL_MISSING_SUFFIXES)
-    )
+    missing = sorted(k for k in expected if k not in found and not k.endswith(OPTIONAL_MISSING_SUFFIXES))
     split = split_official(found, parts)
     unexpected = sorted(k for k in found if k not in expected and part_of_key(k) is not None)
     unexpected += sorted(split["unexpected"])
@@ -115,7 +113,7 @@ def read_layout(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str
     path = _existing(path)
     layout = {}
     with safe_open(str(path), framework="pt") as handle:
-        for key in handle.keys():
+        for key in handle:
             tensor_slice = handle.get_slice(key)
             layout[key] = (tuple(tensor_slice.get_shape()), tensor_slice.get_dtype())
     return layout
@@ -173,7 +171,7 @@ def _prepare_for_save(tensors: Mapping[str, Tensor], dtype: torch.dtype | None) 
     return out
 
 
-def atomic_write(path: Path, write: "callable") -> Path:
+def atomic_write(path: Path, write: callable) -> Path:
     """Run `write(tmp_path)` then rename over `path`: readers see the old file or the new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -15,8 +15,11 @@ from torch import Tensor, nn
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 EMBEDDER_PREFIX = "conditioner.embedders."
-# Keys the official training code writes beside the model: accepted on load, never required.
-OPTIONAL_KEYS = ("denoiser.sigmas",)
+# The marker other loaders (ComfyUI, kohya's scripts) read to treat a file as v-prediction: an empty tensor.
+V_PRED_KEY = "v_pred"
+# Keys written beside the model (the official code's sigma table, the v-prediction marker): accepted on
+# load, never required.
+OPTIONAL_KEYS = ("denoiser.sigmas", V_PRED_KEY)
 # Keys a file may lack without harm: newer transformers releases stop saving CLIP's position_ids.
 OPTIONAL_MISSING_SUFFIXES = (".embeddings.position_ids",)
 PARTS = ("unet", "text_encoders", "vae")
@@ -83,11 +86,11 @@ def split_official(state_dict: Mapping[str, Tensor], parts: Iterable[str] = PART
         elif part not in parts:
             continue
         elif part == "unet":
-            result["unet"][key[len(UNET_PREFIX):]] = value
+            result["unet"][key[len(UNET_PREFIX) :]] = value
         elif part == "vae":
-            result["vae"][key[len(VAE_PREFIX):]] = value
+            result["vae"][key[len(VAE_PREFIX) :]] = value
         else:
-            rest = key[len(EMBEDDER_PREFIX):]
+            rest = key[len(EMBEDDER_PREFIX) :]
             index, _, sub = rest.partition(".")
             if not index.isdigit():
                 result["unexpected"][key] = value

@@ -87,7 +87,7 @@ def decode_image(
             return _to_rgb(image, background)
         except BadSample:
             raise
-        except Exception as error:  # noqa: BLE001 - any conversion failure is a property of the file
+        except Exception as error:
             raise BadSample("corrupt_image", f"{type(error).__name__}: {error}") from error
 
 
@@ -99,7 +99,7 @@ def _open_checked(data: bytes, max_pixels: int | None) -> Image.Image:
         raise BadSample("too_many_pixels", str(error)) from error
     except UnidentifiedImageError as error:
         raise BadSample("unknown_format", f"not a recognised image ({len(data)} bytes)") from error
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         raise _classify(error, data) from error
     width, height = image.size
     if width <= 0 or height <= 0:
@@ -108,7 +108,7 @@ def _open_checked(data: bytes, max_pixels: int | None) -> Image.Image:
         raise BadSample("too_many_pixels", f"{width}x{height} = {width * height} pixels > max_pixels={max_pixels}")
     try:
         image.load()
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         raise _classify(error, data) from error
     return image
 
@@ -134,13 +134,13 @@ def _apply_exif_orientation(image: Image.Image) -> Image.Image:
     """Rotate/mirror the pixels as EXIF orientation 2..8 says, so (h, w) is what a viewer sees."""
     try:
         orientation = image.getexif().get(_EXIF_ORIENTATION)
-    except Exception:  # noqa: BLE001 - unreadable EXIF: nothing to honour, pixels are fine
+    except Exception:
         return image
     if orientation not in (2, 3, 4, 5, 6, 7, 8):
         return image
     try:
         return ImageOps.exif_transpose(image)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         raise BadSample("corrupt_exif", f"orientation {orientation}: {type(error).__name__}: {error}") from error
 
 

@@ -94,12 +94,21 @@ class CacheConfig:
         return tuple(tuple(b) for b in table)  # type: ignore[misc]
 
     def image_processor(self) -> ImageProcessor:
-        return _CacheImageProcessor(buckets=self.buckets(), crop=self.crop, bucket_by=self.bucket_by,
-                                    min_size=self.min_size, max_pixels=self.max_pixels)  # fmt: skip
+        return _CacheImageProcessor(
+            buckets=self.buckets(),
+            crop=self.crop,
+            bucket_by=self.bucket_by,
+            min_size=self.min_size,
+            max_pixels=self.max_pixels,
+        )
 
     def record(self, scale_factor: float) -> dict[str, Any]:
-        return {"format": CACHE_FORMAT, **asdict(self), "buckets": [list(b) for b in self.buckets()],
-                "scale_factor": scale_factor}  # fmt: skip
+        return {
+            "format": CACHE_FORMAT,
+            **asdict(self),
+            "buckets": [list(b) for b in self.buckets()],
+            "scale_factor": scale_factor,
+        }
 
 
 class _CacheImageProcessor(ImageProcessor):
@@ -122,12 +131,21 @@ class CacheSummary:
     bad: Counter = field(default_factory=Counter)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"written": self.written, "skipped_complete": self.skipped_complete, "failed": self.failed,
-                "samples": self.samples, "bad": dict(sorted(self.bad.items()))}  # fmt: skip
+        return {
+            "written": self.written,
+            "skipped_complete": self.skipped_complete,
+            "failed": self.failed,
+            "samples": self.samples,
+            "bad": dict(sorted(self.bad.items())),
+        }
 
     def format(self) -> str:
-        lines = [(f"cached {self.samples} samples in {len(self.written)} shard(s); "
-                  f"{len(self.skipped_complete)} shard(s) already complete, skipped")]  # fmt: skip
+        lines = [
+            (
+                f"cached {self.samples} samples in {len(self.written)} shard(s); "
+                f"{len(self.skipped_complete)} shard(s) already complete, skipped"
+            )
+        ]
         if self.bad:
             lines.append("samples skipped by reason: " + ", ".join(f"{r}={c}" for r, c in sorted(self.bad.items())))
         if self.failed:
@@ -172,8 +190,9 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def latent_members(key: str, latent: np.ndarray, meta: dict[str, Any],
-                   text: dict[str, torch.Tensor] | None = None) -> list[tuple[str, bytes]]:  # fmt: skip
+def latent_members(
+    key: str, latent: np.ndarray, meta: dict[str, Any], text: dict[str, torch.Tensor] | None = None
+) -> list[tuple[str, bytes]]:
     """The tar members of one cached sample (format: latent_loader.py)."""
     members = [(f"{key}.{META_EXT}", json.dumps(meta).encode()), (f"{key}.{LATENT_EXT}", npy_bytes(latent))]
     if text is not None:
@@ -214,8 +233,11 @@ def _check_config(out_dir: Path, record: dict[str, Any]) -> None:
     path = out_dir / CACHE_CONFIG_FILE
     if path.is_file():
         saved = json.loads(path.read_text())
-        diff = [f"{k}: {saved.get(k)!r} -> {record.get(k)!r}" for k in sorted(set(saved) | set(record))
-                if saved.get(k) != record.get(k)]  # fmt: skip
+        diff = [
+            f"{k}: {saved.get(k)!r} -> {record.get(k)!r}"
+            for k in sorted(set(saved) | set(record))
+            if saved.get(k) != record.get(k)
+        ]
         if diff:
             raise ValueError(
                 f"{out_dir} holds latents cached with other settings ({'; '.join(diff)}). "
@@ -247,14 +269,20 @@ def cache_shard(
 ) -> dict[str, Any]:
     """Cache one input shard into out_dir/name; returns its stats {"samples", "bad", "written"}."""
     stream_config = StreamConfig(
-        shards=(url,), buckets=(), batch_size=batch_size, seed=shard_seed(config.seed, name), shuffle_buffer=0,
-        num_epochs=1, heartbeat_every=1 << 30, processor=config.image_processor(),
-    )  # fmt: skip
+        shards=(url,),
+        buckets=(),
+        batch_size=batch_size,
+        seed=shard_seed(config.seed, name),
+        shuffle_buffer=0,
+        num_epochs=1,
+        heartbeat_every=1 << 30,
+        processor=config.image_processor(),
+    )
     storage = getattr(torch, config.storage_dtype)
     writer = _TarWriter(out_dir / name)
     samples, snapshot = 0, {}
     try:
-        for batch, snapshot in SlotStream(stream_config, 0, 1):
+        for batch, snapshot in SlotStream(stream_config, 0, 1):  # noqa: B007 - read after the loop
             if batch is None:
                 continue
             latents, text = encode_batch(model, batch, config, name)
@@ -323,8 +351,11 @@ def cache_latents(
 @torch.no_grad()
 def _write_empty_caption(model: SDXL, out: Path) -> None:
     conditioner = model.conditioner
-    tensors = {f"{i}.{j}": o[0].float().cpu() for i in conditioner.text_embedder_indices()
-               for j, o in enumerate(conditioner.embedder_outputs(i, [""]))}  # fmt: skip
+    tensors = {
+        f"{i}.{j}": o[0].float().cpu()
+        for i in conditioner.text_embedder_indices()
+        for j, o in enumerate(conditioner.embedder_outputs(i, [""]))
+    }
     tmp = out / f"{EMPTY_CAPTION_FILE}.{os.getpid()}.tmp"
     save_file(tensors, str(tmp))
     os.replace(tmp, out / EMPTY_CAPTION_FILE)

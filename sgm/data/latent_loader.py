@@ -91,8 +91,11 @@ class LatentProcessor:
     needs_rng: bool = False
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"kind": "latent", "text_embeddings": self.text_embeddings,
-                "default_aesthetic_score": self.default_aesthetic_score}  # fmt: skip
+        return {
+            "kind": "latent",
+            "text_embeddings": self.text_embeddings,
+            "default_aesthetic_score": self.default_aesthetic_score,
+        }
 
     def process(self, raw: dict[str, Any], position: Position, rng: Any) -> tuple[tuple[int, ...], LatentSample]:
         if "__duplicate__" in raw:
@@ -115,7 +118,7 @@ class LatentProcessor:
                 raise Skip("missing_text_embeddings")
             try:
                 embeddings = read_text_embeddings(raw[TEXT_EXT])
-            except Exception:  # noqa: BLE001 - safetensors raises its own error types for bad bytes
+            except Exception:
                 raise Skip("bad_text_embeddings") from None
         score = aesthetic_score(meta, self.default_aesthetic_score)
         sample = LatentSample(raw["__key__"], meta["caption"], latent, conditioning, embeddings, score)
@@ -177,10 +180,15 @@ class LatentLoader(SlotLoader):
         `_cache_config.json`, so a stage never trains silently on latents of another resolution."""
         processor = LatentProcessor(text_embeddings, default_aesthetic_score)
         config = StreamConfig(
-            shards=tuple(expand_shards(shards)), buckets=(), batch_size=batch_size, seed=seed,
-            shuffle_buffer=shuffle_buffer, num_epochs=num_epochs, heartbeat_every=heartbeat_every,
+            shards=tuple(expand_shards(shards)),
+            buckets=(),
+            batch_size=batch_size,
+            seed=seed,
+            shuffle_buffer=shuffle_buffer,
+            num_epochs=num_epochs,
+            heartbeat_every=heartbeat_every,
             processor=processor,
-        )  # fmt: skip
+        )
         super().__init__(config, **loader_options)
         self._check_cache_resolution(square_size, base_resolution)
 

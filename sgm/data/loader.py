@@ -58,8 +58,16 @@ def _keep(item: Any) -> Any:
 class _SlotDataset(IterableDataset):
     """Worker w of rank r runs slot r * W + (w + first_item) % W, continuing its snapshot."""
 
-    def __init__(self, config: StreamConfig, rank: int, world_size: int, num_workers: int, first_item: int,
-                 snapshots: dict[str, dict], start_epoch: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config: StreamConfig,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        first_item: int,
+        snapshots: dict[str, dict],
+        start_epoch: int,
+    ) -> None:
         super().__init__()
         self.config, self.rank, self.world_size, self.num_workers = config, rank, world_size, num_workers
         self.first_item, self.snapshots, self.start_epoch = first_item, snapshots, start_epoch
@@ -159,10 +167,18 @@ class SlotLoader:
         return None
 
     def _dataloader(self) -> DataLoader:
-        dataset = _SlotDataset(self.config, self.rank, self.world_size, self.num_workers,
-                               self._start_item, dict(self._snapshots), self._start_epoch)  # fmt: skip
-        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_keep,
-                          **self._loader_kwargs)  # fmt: skip
+        dataset = _SlotDataset(
+            self.config,
+            self.rank,
+            self.world_size,
+            self.num_workers,
+            self._start_item,
+            dict(self._snapshots),
+            self._start_epoch,
+        )
+        return DataLoader(
+            dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_keep, **self._loader_kwargs
+        )
 
     def close(self) -> None:
         """Stop the workers; the next iteration restarts them from the recorded state."""
@@ -264,17 +280,29 @@ class BucketedLoader(SlotLoader):
         else:
             table = square_table(square_size) if square_size is not None else list(buckets or [])
         config = StreamConfig(
-            shards=tuple(expand_shards(shards)), buckets=tuple(tuple(int(s) for s in b) for b in table),
-            batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer, flip_probability=flip_probability,
-            crop=crop, bucket_by=bucket_by, min_size=min_size, max_pixels=max_pixels, num_epochs=num_epochs,
-            heartbeat_every=heartbeat_every, default_aesthetic_score=default_aesthetic_score,
-        )  # fmt: skip
+            shards=tuple(expand_shards(shards)),
+            buckets=tuple(tuple(int(s) for s in b) for b in table),
+            batch_size=batch_size,
+            seed=seed,
+            shuffle_buffer=shuffle_buffer,
+            flip_probability=flip_probability,
+            crop=crop,
+            bucket_by=bucket_by,
+            min_size=min_size,
+            max_pixels=max_pixels,
+            num_epochs=num_epochs,
+            heartbeat_every=heartbeat_every,
+            default_aesthetic_score=default_aesthetic_score,
+        )
         super().__init__(config, **loader_options)
 
 
 def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    return [f"{key} was {saved.get(key)!r}, now {current.get(key)!r}"
-            for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]  # fmt: skip
+    return [
+        f"{key} was {saved.get(key)!r}, now {current.get(key)!r}"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]
 
 
 def merge_loader_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -174,10 +174,14 @@ class ImageProcessor:
     def from_config(cls, config: Any) -> ImageProcessor:
         """The processor a StreamConfig's image fields describe."""
         return cls(
-            buckets=config.buckets, crop=config.crop, flip_probability=config.flip_probability,
-            bucket_by=config.bucket_by, min_size=config.min_size, max_pixels=config.max_pixels,
+            buckets=config.buckets,
+            crop=config.crop,
+            flip_probability=config.flip_probability,
+            bucket_by=config.bucket_by,
+            min_size=config.min_size,
+            max_pixels=config.max_pixels,
             default_aesthetic_score=config.default_aesthetic_score,
-        )  # fmt: skip
+        )
 
     def fingerprint(self) -> dict[str, Any]:
         return {"kind": "image"}  # its settings are StreamConfig fields, fingerprinted there
@@ -209,9 +213,13 @@ class ImageProcessor:
             raise Skip("too_small")
         bucket = assign_bucket(*(decoded if self.bucket_by == "decoded" else original), self.buckets)
         crop = resize_and_crop(
-            image, self.buckets[bucket], crop=self.crop, flip_probability=self.flip_probability,
-            rng=rng, original_size_as_tuple=original,
-        )  # fmt: skip
+            image,
+            self.buckets[bucket],
+            crop=self.crop,
+            flip_probability=self.flip_probability,
+            rng=rng,
+            original_size_as_tuple=original,
+        )
         score = aesthetic_score(meta, self.default_aesthetic_score)
         return bucket, ImageSample(raw["__key__"], caption, crop, score)
 

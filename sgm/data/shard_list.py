@@ -29,6 +29,7 @@ member boundary as a shorter, valid tar; that case cannot be told apart and is n
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -153,7 +154,7 @@ def iter_shard(url: str, on_error: Callable[[str, str], None]) -> Iterator[dict[
     local = local_tar_path(url)
     try:
         stream = open(local, "rb") if local else gopen(url)  # noqa: SIM115 - closed below
-    except Exception as error:  # noqa: BLE001 - any open failure is a property of the shard
+    except Exception as error:
         on_error("unreadable_shard", f"{url}: {type(error).__name__}: {error}")
         return
     last_member: list[str] = []  # name of the member being read when a read fails
@@ -185,13 +186,11 @@ def iter_shard(url: str, on_error: Callable[[str, str], None]) -> Iterator[dict[
                 current.setdefault("__duplicate__", suffix)
             else:
                 current[suffix] = member["data"]
-    except Exception as raised:  # noqa: BLE001 - header/stream failures end the shard
+    except Exception as raised:
         error = raised
     finally:
-        try:
+        with contextlib.suppress(Exception):
             stream.close()
-        except Exception:  # noqa: BLE001, S110 - a pipe closed early may report its exit status
-            pass
     error = member_errors[0] if member_errors else error
     if error is None:
         if current is not None:
@@ -274,7 +273,7 @@ def _tarfile_members(
     file: Any, handler: Callable[[BaseException], bool], select_files: Callable[[str], bool]
 ) -> Iterator[dict[str, Any]]:
     """local_tar_members' contract from the file's current offset, with tarfile reading the headers."""
-    tar = tarfile.open(fileobj=file, mode="r:")
+    tar = tarfile.open(fileobj=file, mode="r:")  # noqa: SIM115 - read lazily by the generator
     while True:
         try:
             info = tar.next()

@@ -168,8 +168,8 @@ class ShardWriter:
     def _open_shard(self) -> None:
         self._shard += 1
         self._count = 0
-        self._file = open(self._paths()[1], "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._file = open(self._paths()[1], "wb")  # noqa: SIM115 - open across calls, closed in _finish_shard
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
 
     def _finish_shard(self) -> None:
         if self._tar is None:

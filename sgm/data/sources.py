@@ -50,7 +50,6 @@ class SourceItem:
     skip_reason: str | None = None  # already known to be bad while scanning
 
 
-
 def probe_image(data: bytes, full_decode: bool = False) -> tuple[str, int, int, int]:
     """(extension, width, height, EXIF orientation) of encoded image bytes, or SkipSample."""
     if not data:

@@ -27,10 +27,19 @@ from sgm.eval.masks import FoundObject, as_image, find_object
 # Named colours (RGB). The study's data uses red, green, blue and yellow; the others are there so a
 # sample in a wrong colour is called wrong instead of being forced onto the nearest study colour.
 NAMED_COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 220), "yellow": (240, 200, 30),
-    "orange": (245, 140, 30), "purple": (130, 60, 180), "pink": (245, 130, 180), "cyan": (40, 190, 210),
-    "brown": (120, 75, 40), "white": (250, 250, 250), "grey": (128, 128, 128), "black": (20, 20, 20),
-}  # fmt: skip
+    "red": (220, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 70, 220),
+    "yellow": (240, 200, 30),
+    "orange": (245, 140, 30),
+    "purple": (130, 60, 180),
+    "pink": (245, 130, 180),
+    "cyan": (40, 190, 210),
+    "brown": (120, 75, 40),
+    "white": (250, 250, 250),
+    "grey": (128, 128, 128),
+    "black": (20, 20, 20),
+}
 COLOUR_WORDS = {**{name: name for name in NAMED_COLOURS}, "gray": "grey"}
 # Each shape as (fill ratio of its bounding box, share of its area in the box's top half): a square
 # (1, 1/2), a circle (pi/4, 1/2), an upright triangle as tall as wide (1/2, 1/4): only the triangle

@@ -5,9 +5,10 @@
     python -m sgm.eval.conditioning_study --report-only          # rewrite report.md from results.json + samples
 
 Steps (each skipped when its output is already there, so a rerun continues where it stopped):
-1. the synthetic shapes data (data/build_shapes_dataset.py): ground-truth objects saved at many sizes;
+1. the synthetic shapes data (sgm.eval.shapes_dataset): ground-truth objects saved at many sizes;
 2. the study model's VAE, trained with sgm.training.vae_training (no released VAE fits a tiny model);
-3. diffusion models through the normal `train.py` path, experiment=conditioning_study/<variant>:
+3. diffusion models through the normal training path (`python -m sgm.train`, what `train.py` runs),
+   experiment=conditioning_study/<variant>:
    `full` (size + crop conditioning, as SDXL) and `none` by default, `no_crop` / `no_size` (one input
    each) with --variants; same data, seed, steps;
 4. samples under each condition (same prompts and per-image seeds everywhere), scored by
@@ -34,16 +35,15 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 
+from sgm.checkpoint.model_source import load_model
 from sgm.diffusion.samplers import DPMPP2MSampler
 from sgm.eval.conditioning_metrics import score_samples
+from sgm.eval.shapes_dataset import FRAMING, build_shapes_dataset
 from sgm.eval.study_calibration import conditioning_use, data_reference, training_crops
 from sgm.eval.study_report import write_report
 from sgm.inference import generate_latents, latents_to_uint8
-from sgm.sampling_checkpoints import load_sampling_model
-from sgm.training.checkpoint_io import newest_checkpoint
 from sgm.training.vae_training import VAETrainingSettings, compose_run_config, train_vae
 
-REPO = Path(__file__).resolve().parents[2]
 # experiment=conditioning_study/<variant>: full (size + crop), no_crop, no_size, none (neither)
 ALL_VARIANTS = ("full", "no_crop", "no_size", "none")
 COLOURS = ("red", "green", "blue", "yellow")
@@ -86,9 +86,19 @@ class StudySettings:
     use_sigmas: tuple[float, ...] = (0.3, 1.0, 3.0, 10.0)  # noise levels of that measurement
 
 
-QUICK = StudySettings(num_samples=64, vae_steps=3, variants=("full", "none"), train_steps=3, batch_size=4,
-                      seeds_per_prompt=1, sampler_steps=2, sizes=(32, 64, 256), crops=((0, 0), (0, 16)),
-                      calibration_images=16, use_images=8)  # fmt: skip
+QUICK = StudySettings(
+    num_samples=64,
+    vae_steps=3,
+    variants=("full", "none"),
+    train_steps=3,
+    batch_size=4,
+    seeds_per_prompt=1,
+    sampler_steps=2,
+    sizes=(32, 64, 256),
+    crops=((0, 0), (0, 16)),
+    calibration_images=16,
+    use_images=8,
+)
 
 
 @dataclass(frozen=True)
@@ -121,16 +131,19 @@ def conditions(settings: StudySettings) -> list[Condition]:
 def build_data(out: Path, settings: StudySettings) -> bool:
     """The shapes shards under out/data (kept when built with the same settings); True when built now."""
     stamp = out / "data" / "_study_data.json"
-    sys.path.insert(0, str(REPO))  # data/ is a folder of scripts next to the package
-    from data.build_shapes_dataset import FRAMING, build_shapes_dataset
-
     wanted = {k: getattr(settings, k) for k in ("num_samples", "seed", "min_side", "max_side")}
     wanted["framing"] = list(FRAMING)  # data from before objects were framed near the centre is rebuilt
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         return False
 
-    build_shapes_dataset(out / "data", settings.num_samples, settings.seed, samples_per_shard=256,
-                         min_side=settings.min_side, max_side=settings.max_side)  # fmt: skip
+    build_shapes_dataset(
+        out / "data",
+        settings.num_samples,
+        settings.seed,
+        samples_per_shard=256,
+        min_side=settings.min_side,
+        max_side=settings.max_side,
+    )
     stamp.write_text(json.dumps(wanted))
     return True
 
@@ -152,8 +165,9 @@ def train_study_vae(out: Path, settings: StudySettings) -> dict[str, Any]:
     """The study VAE (out/vae/study_vae.safetensors) and its record; reused when trained with these settings."""
     path = out / "vae" / "study_vae.safetensors"
     record_path = path.with_name(f"{path.stem}_training.json")
-    vae_settings = VAETrainingSettings(steps=settings.vae_steps, lr=settings.vae_lr, seed=settings.seed,
-                                       log_every=max(1, settings.vae_steps // 12))  # fmt: skip
+    vae_settings = VAETrainingSettings(
+        steps=settings.vae_steps, lr=settings.vae_lr, seed=settings.seed, log_every=max(1, settings.vae_steps // 12)
+    )
     if path.is_file() and record_path.is_file():
         record = json.loads(record_path.read_text())
         if record.get("settings") == asdict(vae_settings):
@@ -174,15 +188,23 @@ def _finished_run(run_dir: Path, settings: StudySettings) -> dict[str, Any] | No
 
 def _variant_command(out: Path, variant: str, settings: StudySettings, vae: dict[str, Any], threads: int) -> list[str]:
     return [
-        sys.executable, str(REPO / "train.py"), f"experiment=conditioning_study/{variant}",
-        f"run_dir={out / 'runs' / variant}", *common_overrides(out, settings), f"threads={threads}",
-        f"trainer.max_steps={settings.train_steps}", f"checkpoint.every_n_train_steps={max(1, settings.train_steps // 3)}",
-        f"pretrained={vae['path']}", "pretrained_parts=[vae]", f"model.scale_factor={vae['scale_factor']!r}",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "sgm.train",
+        f"experiment=conditioning_study/{variant}",
+        f"run_dir={out / 'runs' / variant}",
+        *common_overrides(out, settings),
+        f"threads={threads}",
+        f"trainer.max_steps={settings.train_steps}",
+        f"checkpoint.every_n_train_steps={max(1, settings.train_steps // 3)}",
+        f"pretrained={vae['path']}",
+        "pretrained_parts=[vae]",
+        f"model.scale_factor={vae['scale_factor']!r}",
+    ]
 
 
 def train_variants(out: Path, settings: StudySettings, vae: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Train every variant with `python train.py experiment=conditioning_study/<variant>`, up to
+    """Train every variant with `python -m sgm.train experiment=conditioning_study/<variant>`, up to
     settings.parallel_trainings at once, each with threads // parallel_trainings torch threads (a model
     this small keeps a core busier per process: three single-threaded runs side by side made 3.9 steps/s
     in all on 2 cores). A finished run is reused; a stopped one resumes (resume=auto); a failed one stops
@@ -197,11 +219,11 @@ def train_variants(out: Path, settings: StudySettings, vae: dict[str, Any]) -> d
             while waiting and len(running) < slots:
                 variant = waiting.pop(0)
                 command = _variant_command(out, variant, settings, vae, threads)
-                print(f"[study] training {variant}: {' '.join(command[1:])}", flush=True)
+                print(f"[study] training {variant}: python {' '.join(command[1:])}", flush=True)
                 run_dir = out / "runs" / variant
                 run_dir.mkdir(parents=True, exist_ok=True)
                 with open(run_dir / "train.log", "a") as stream:
-                    running[variant] = subprocess.Popen(command, cwd=REPO, stdout=stream, stderr=subprocess.STDOUT)
+                    running[variant] = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT)
             time.sleep(0.5)
             for variant, process in list(running.items()):
                 if process.poll() is None:
@@ -225,17 +247,26 @@ def sample_condition(model: Any, condition: Condition, settings: StudySettings) 
     seeds = [settings.seed + 1000 * i + j for i in range(len(PROMPTS)) for j in range(settings.seeds_per_prompt)]
     size = settings.resolution
     latents = generate_latents(
-        model.model, prompts, size, size, negative_prompts=[""] * len(prompts), zero_uncond_text=False,
-        sampler=DPMPP2MSampler(num_steps=settings.sampler_steps), denoiser=model.denoiser,
-        guidance_scale=settings.guidance_scale, seed=seeds,
-        original_size=condition.original_size, crop_coords_top_left=condition.crop,
+        model.model,
+        prompts,
+        size,
+        size,
+        negative_prompts=[""] * len(prompts),
+        zero_uncond_text=False,
+        sampler=DPMPP2MSampler(num_steps=settings.sampler_steps),
+        denoiser=model.denoiser,
+        guidance_scale=settings.guidance_scale,
+        seed=seeds,
+        original_size=condition.original_size,
+        crop_coords_top_left=condition.crop,
         target_size=(size, size),
-    )  # fmt: skip
+    )
     return latents_to_uint8(model.model, latents).numpy(), prompts
 
 
-def evaluate(out: Path, settings: StudySettings, runs: dict[str, dict[str, Any]]
-             ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:  # fmt: skip
+def evaluate(
+    out: Path, settings: StudySettings, runs: dict[str, dict[str, Any]]
+) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """Sample and score every condition: (scores, samples by label); the samples are also kept as
     out/samples/<label>.npz (for --report-only)."""
     results, loaded, samples = [], {}, {}
@@ -243,26 +274,41 @@ def evaluate(out: Path, settings: StudySettings, runs: dict[str, dict[str, Any]]
     sample_dir.mkdir(parents=True, exist_ok=True)
     for condition in conditions(settings):
         if condition.variant not in loaded:
-            checkpoint = newest_checkpoint(Path(runs[condition.variant]["run_dir"]) / "checkpoints")
-            loaded[condition.variant] = load_sampling_model(checkpoint)  # EMA weights
+            loaded[condition.variant] = load_model(runs[condition.variant]["run_dir"])  # its newest checkpoint, EMA
         started = time.time()
         images, prompts = sample_condition(loaded[condition.variant], condition, settings)
         scores = score_samples(list(images), prompts)
         name = condition.label.replace(" ", "_").replace("=", "").replace(",", "-")
         np.savez_compressed(sample_dir / f"{name}.npz", images=images, prompts=np.asarray(prompts))
         samples[condition.label] = images
-        results.append({**asdict(condition), "label": condition.label, "samples_file": f"samples/{name}.npz",
-                        "seconds": round(time.time() - started, 1), **scores})  # fmt: skip
-        print(f"[study] {condition.label}: border cut {scores['border_cut_fraction']:.2f}, sharpness "
-              f"{scores['mean_sharpness'] or float('nan'):.3f}, colour {scores['colour_accuracy']:.2f}", flush=True)  # fmt: skip
+        results.append(
+            {
+                **asdict(condition),
+                "label": condition.label,
+                "samples_file": f"samples/{name}.npz",
+                "seconds": round(time.time() - started, 1),
+                **scores,
+            }
+        )
+        print(
+            f"[study] {condition.label}: border cut {scores['border_cut_fraction']:.2f}, sharpness "
+            f"{scores['mean_sharpness'] or float('nan'):.3f}, colour {scores['colour_accuracy']:.2f}",
+            flush=True,
+        )
     return results, samples
 
 
 def calibrate(out: Path, settings: StudySettings, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The data reference (crops and their VAE round trip) and each variant's conditioning use, on training
     crops drawn through the study's loader with another data seed than training's."""
-    cfg = compose_run_config(["experiment=conditioning_study", *common_overrides(out, settings), "data.batch_size=64",
-                              f"data.seed={settings.seed + 1}"])  # fmt: skip
+    cfg = compose_run_config(
+        [
+            "experiment=conditioning_study",
+            *common_overrides(out, settings),
+            "data.batch_size=64",
+            f"data.seed={settings.seed + 1}",
+        ]
+    )
     loader = instantiate(cfg.data)(rank=0, world_size=1)
     try:
         batches = training_crops(loader, settings.calibration_images)
@@ -275,7 +321,7 @@ def calibrate(out: Path, settings: StudySettings, runs: dict[str, dict[str, Any]
         batch = {k: v[: settings.use_images - kept] for k, v in batch.items()}
         use_batches.append(batch)
         kept += len(batch["jpg"])
-    models = {v: load_sampling_model(newest_checkpoint(Path(r["run_dir"]) / "checkpoints")) for v, r in runs.items()}
+    models = {v: load_model(r["run_dir"]) for v, r in runs.items()}
     reference = data_reference(next(iter(models.values())).model, batches, settings.sizes)
     use = {v: conditioning_use(m, use_batches, settings.use_sigmas, settings.seed) for v, m in models.items()}
     return {"data": reference, "conditioning_use": use, "use_images": kept}
@@ -287,8 +333,9 @@ def _earlier_timings(out: Path) -> dict[str, float]:
     return json.loads(path.read_text()).get("timings_seconds", {}) if path.is_file() else {}
 
 
-def run_study(out: str | Path, settings: StudySettings, command: str = "python -m sgm.eval.conditioning_study"
-              ) -> dict[str, Any]:  # fmt: skip
+def run_study(
+    out: str | Path, settings: StudySettings, command: str = "python -m sgm.eval.conditioning_study"
+) -> dict[str, Any]:
     """Run every step (skipping finished ones) and write the report; returns results.json's content."""
     out = Path(out).absolute()
     torch.set_num_threads(settings.threads)

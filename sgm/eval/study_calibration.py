@@ -68,8 +68,13 @@ def _crop_rows(batch: Mapping[str, Any]) -> Iterator[tuple[np.ndarray, tuple[int
     return zip(images, map(tuple, sizes), map(tuple, crops))
 
 
-def summarise_measures(measures: Sequence[Mapping[str, Any]], short_sides: Sequence[int], at_origin: Sequence[bool],
-                       sizes: Sequence[int], square: Sequence[bool] = ()) -> dict[str, Any]:  # fmt: skip
+def summarise_measures(
+    measures: Sequence[Mapping[str, Any]],
+    short_sides: Sequence[int],
+    at_origin: Sequence[bool],
+    sizes: Sequence[int],
+    square: Sequence[bool] = (),
+) -> dict[str, Any]:
     """Cut fractions at crop (0, 0) / elsewhere / from square originals (which a square crop never cuts into:
     what the study's reference condition asks for) and mean edge sharpness per original short-side bin."""
     cut = [bool(m["cut_sides"]) for m in measures]
@@ -115,8 +120,9 @@ def _swapped(batch: Mapping[str, Any], key: str) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def conditioning_use(sampling_model: Any, batches: Sequence[Mapping[str, Any]], sigmas: Sequence[float], seed: int = 0
-                     ) -> dict[str, dict[str, Any]]:  # fmt: skip
+def conditioning_use(
+    sampling_model: Any, batches: Sequence[Mapping[str, Any]], sigmas: Sequence[float], seed: int = 0
+) -> dict[str, dict[str, Any]]:
     """Relative rise of the denoising error (x0 MSE, EMA weights) when one conditioning input is swapped
     between images, per noise level: {key: {str(sigma): {"rise", "se"}}} for the keys the model reads."""
     model, denoiser = sampling_model.model, sampling_model.denoiser

@@ -38,8 +38,9 @@ def shift_original(settings: Mapping[str, Any]) -> tuple[int, int]:
     return _height_width(settings.get("shift_original", settings["reference_size"]))
 
 
-def find(conditions: Sequence[Mapping[str, Any]], variant: str, size: int | Sequence[int], crop: Sequence[int]
-         ) -> Mapping | None:  # fmt: skip
+def find(
+    conditions: Sequence[Mapping[str, Any]], variant: str, size: int | Sequence[int], crop: Sequence[int]
+) -> Mapping | None:
     """The scored condition with these values (size: square side or (h, w)), if the study sampled it."""
     for condition in conditions:
         if (
@@ -77,8 +78,11 @@ def sample_centre_x(sample: Mapping[str, Any]) -> float:
     return sample["centre_yx"][1] if sample["object_found"] and sample.get("centre_yx") else math.nan
 
 
-def paired_rise_p(lower: Mapping[str, Any], higher: Mapping[str, Any],
-                  measure: Callable[[Mapping[str, Any]], float] = sample_sharpness) -> tuple[float, float]:  # fmt: skip
+def paired_rise_p(
+    lower: Mapping[str, Any],
+    higher: Mapping[str, Any],
+    measure: Callable[[Mapping[str, Any]], float] = sample_sharpness,
+) -> tuple[float, float]:
     """Mean rise of `measure` (default: edge sharpness) from `lower` to `higher` over samples with the same
     prompt and seed (the conditions share them), and its one-sided p-value (normal approximation of the
     paired mean). Pairs where either side has no value (NaN) are left out."""
@@ -119,11 +123,13 @@ def crop_verdicts(conditions: Sequence[Mapping[str, Any]], ref: int) -> list[dic
         n_a, n_b = ours["count"], baseline["count"]
         cut_a, cut_b = round(ours["border_cut_fraction"] * n_a), round(baseline["border_cut_fraction"] * n_b)
         p = one_sided_p(cut_a, n_a, cut_b, n_b)
-        verdicts.append({
-            "effect": f"{what}: fewer objects cut at crop (0,0) ({variant} vs {baseline_variant})",
-            "status": status(cut_a / n_a < cut_b / n_b, p),
-            "numbers": f"{cut_a}/{n_a} = {cut_a / n_a:.1%} vs {cut_b}/{n_b} = {cut_b / n_b:.1%} (one-sided p = {p:.2g})",
-        })  # fmt: skip
+        verdicts.append(
+            {
+                "effect": f"{what}: fewer objects cut at crop (0,0) ({variant} vs {baseline_variant})",
+                "status": status(cut_a / n_a < cut_b / n_b, p),
+                "numbers": f"{cut_a}/{n_a} = {cut_a / n_a:.1%} vs {cut_b}/{n_b} = {cut_b / n_b:.1%} (one-sided p = {p:.2g})",
+            }
+        )
     return verdicts
 
 
@@ -132,8 +138,9 @@ def mean_centre_x(condition: Mapping[str, Any]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def shift_verdicts(conditions: Sequence[Mapping[str, Any]], original: Sequence[int], crops: Sequence[Sequence[int]]
-                   ) -> list[dict]:  # fmt: skip
+def shift_verdicts(
+    conditions: Sequence[Mapping[str, Any]], original: Sequence[int], crops: Sequence[Sequence[int]]
+) -> list[dict]:
     """Other crop values shift the framing: at a wide original, a larger crop_left (more of the image cut
     away on the left) moves the object to the left, paired by prompt and seed, for each crop-conditioned model."""
     lefts = sorted({int(crop[1]) for crop in crops if int(crop[0]) == 0})
@@ -143,15 +150,20 @@ def shift_verdicts(conditions: Sequence[Mapping[str, Any]], original: Sequence[i
         if len(found) < 2:
             continue
         falls = [paired_rise_p(later, earlier, sample_centre_x) for (_, earlier), (_, later) in pairwise(found)]
-        centres = ", ".join(f"{left}: {x:.2f}" if (x := mean_centre_x(c)) is not None else f"{left}: n/a"
-                            for left, c in found)  # fmt: skip
-        verdicts.append({
-            "effect": (f"crop_left {' -> '.join(str(left) for left, _ in found)} at original "
-                       f"{original[0]}x{original[1]} shifts the framing: the object moves left ({variant})"),
-            "status": status(all(fall > 0 for fall, _ in falls), max(p for _, p in falls)),
-            "numbers": f"mean object centre x (fraction of the width) {centres}; paired moves "
-                       + ", ".join(f"{-fall:+.2f} (p = {p:.2g})" for fall, p in falls),
-        })  # fmt: skip
+        centres = ", ".join(
+            f"{left}: {x:.2f}" if (x := mean_centre_x(c)) is not None else f"{left}: n/a" for left, c in found
+        )
+        verdicts.append(
+            {
+                "effect": (
+                    f"crop_left {' -> '.join(str(left) for left, _ in found)} at original "
+                    f"{original[0]}x{original[1]} shifts the framing: the object moves left ({variant})"
+                ),
+                "status": status(all(fall > 0 for fall, _ in falls), max(p for _, p in falls)),
+                "numbers": f"mean object centre x (fraction of the width) {centres}; paired moves "
+                + ", ".join(f"{-fall:+.2f} (p = {p:.2g})" for fall, p in falls),
+            }
+        )
     return verdicts
 
 
@@ -169,13 +181,19 @@ def size_verdicts(conditions: Sequence[Mapping[str, Any]], sizes: Sequence[int],
         if len(judged) < 2 or any(mean is None for size, mean, _, _ in stats if size <= resolution):
             continue
         steps = [paired_rise_p(a, b) for a, b in pairwise(judged)]
-        verdicts.append({
-            "effect": f"sharpness rises monotonically with the size condition up to {resolution} px ({variant})",
-            "status": status(all(rise > 0 for rise, _ in steps), max(p for _, p in steps)),
-            "numbers": ", ".join(f"{size}: {mean:.3f} ± {se or 0:.3f}" + (" (not judged)" if size > resolution else "")
-                                 for size, mean, se, _ in stats if mean is not None)
-            + "; paired rises " + ", ".join(f"{rise:+.3f} (p = {p:.2g})" for rise, p in steps),
-        })  # fmt: skip
+        verdicts.append(
+            {
+                "effect": f"sharpness rises monotonically with the size condition up to {resolution} px ({variant})",
+                "status": status(all(rise > 0 for rise, _ in steps), max(p for _, p in steps)),
+                "numbers": ", ".join(
+                    f"{size}: {mean:.3f} ± {se or 0:.3f}" + (" (not judged)" if size > resolution else "")
+                    for size, mean, se, _ in stats
+                    if mean is not None
+                )
+                + "; paired rises "
+                + ", ".join(f"{rise:+.3f} (p = {p:.2g})" for rise, p in steps),
+            }
+        )
     return verdicts
 
 
@@ -189,11 +207,13 @@ def colour_verdicts(conditions: Sequence[Mapping[str, Any]]) -> list[dict]:
             continue
         right = sum(round(c["colour_accuracy"] * c["count"]) for c in own)
         shapes = sum(round((c["shape_accuracy"] or 0) * c["count"]) for c in own)
-        verdicts.append({
-            "effect": f"prompt adherence on colour >= {COLOUR_TARGET:.0%} ({variant}, all its samples)",
-            "status": "shown" if right / total >= COLOUR_TARGET else "NOT shown",
-            "numbers": f"colour {right}/{total} = {right / total:.1%}; shape {shapes}/{total} = {shapes / total:.1%}",
-        })  # fmt: skip
+        verdicts.append(
+            {
+                "effect": f"prompt adherence on colour >= {COLOUR_TARGET:.0%} ({variant}, all its samples)",
+                "status": "shown" if right / total >= COLOUR_TARGET else "NOT shown",
+                "numbers": f"colour {right}/{total} = {right / total:.1%}; shape {shapes}/{total} = {shapes / total:.1%}",
+            }
+        )
     return verdicts
 
 
@@ -201,8 +221,12 @@ def all_verdicts(record: Mapping[str, Any]) -> list[dict]:
     """Every verdict, each {"effect", "status", "numbers", "shown"} ("shown": status == "shown")."""
     settings, conditions = record["settings"], record["conditions_with_samples"]
     shifts = shift_verdicts(conditions, shift_original(settings), settings["crops"])
-    verdicts = [*crop_verdicts(conditions, settings["reference_size"]), *shifts,
-                *size_verdicts(conditions, settings["sizes"], settings["resolution"]), *colour_verdicts(conditions)]  # fmt: skip
+    verdicts = [
+        *crop_verdicts(conditions, settings["reference_size"]),
+        *shifts,
+        *size_verdicts(conditions, settings["sizes"], settings["resolution"]),
+        *colour_verdicts(conditions),
+    ]
     return [{**v, "shown": v["status"] == "shown"} for v in verdicts]
 
 
@@ -226,8 +250,10 @@ def sample_figure(images: Mapping[str, np.ndarray], seeds_per_prompt: int) -> Im
 
 
 def _table(conditions: Sequence[Mapping[str, Any]]) -> list[str]:
-    header = ("| condition | samples | no object | border cut | cut top / left / right | object centre x | "
-              "edge sharpness (± s.e.) | colour | shape |")  # fmt: skip
+    header = (
+        "| condition | samples | no object | border cut | cut top / left / right | object centre x | "
+        "edge sharpness (± s.e.) | colour | shape |"
+    )
     lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for c in conditions:
         mean, se, _ = sharpness_stats(c)
@@ -268,31 +294,43 @@ def calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
     data, use = calibration["data"], calibration["conditioning_use"]
     crops, vae = data["crops"], data["through_vae"]
     lines = [
-        "## Calibration: what the training data shows, and what the models learned", "",
-        (f"{data['images']} training crops drawn through the study's own loader (another data seed), measured "
-        "as the samples are, as they are and after a round trip through the study VAE. A model that learned "
-        "size and crop conditioning would approach, at a square original and crop (0,0), the cut fraction of "
-        "the crops from square originals (a square crop of a square image cuts nothing away); one that "
-        "learned size conditioning would span the round-tripped sharpness range."), "",
+        "## Calibration: what the training data shows, and what the models learned",
+        "",
+        (
+            f"{data['images']} training crops drawn through the study's own loader (another data seed), measured "
+            "as the samples are, as they are and after a round trip through the study VAE. A model that learned "
+            "size and crop conditioning would approach, at a square original and crop (0,0), the cut fraction of "
+            "the crops from square originals (a square crop of a square image cuts nothing away); one that "
+            "learned size conditioning would span the round-tripped sharpness range."
+        ),
+        "",
         "| training crops | cut at crop (0,0) | cut at other crops | from square originals | all |",
         "|---|---|---|---|---|",
-        *[f"| {name} | {_share(d['cut_at_origin'])} | {_share(d['cut_elsewhere'])} | "
-          f"{_share(d.get('cut_square_original', {'count': 0}))} | {_share(d['cut_all'])} |"
-          for name, d in (("as loaded", crops), ("through the VAE", vae))], "",
-        "| original short side (px) | images | edge sharpness as loaded | through the VAE |", "|---|---|---|---|",
-    ]  # fmt: skip
+        *[
+            f"| {name} | {_share(d['cut_at_origin'])} | {_share(d['cut_elsewhere'])} | "
+            f"{_share(d.get('cut_square_original', {'count': 0}))} | {_share(d['cut_all'])} |"
+            for name, d in (("as loaded", crops), ("through the VAE", vae))
+        ],
+        "",
+        "| original short side (px) | images | edge sharpness as loaded | through the VAE |",
+        "|---|---|---|---|",
+    ]
     for raw, again in zip(crops["sharpness_by_short_side"], vae["sharpness_by_short_side"]):
         cells = [f"{b['mean']:.3f} ± {b['se'] or 0:.3f}" if b["mean"] is not None else "n/a" for b in (raw, again)]
         lines.append(f"| {raw['short_side']} | {raw['count']} | {cells[0]} | {cells[1]} |")
     sigmas = sorted({sigma for per_key in use.values() for levels in per_key.values() for sigma in levels}, key=float)
     lines += [
-        "", (f"Conditioning use: the rise of each model's denoising error (x0 MSE, EMA weights) on "
-        f"{calibration['use_images']} of these crops when one input is swapped between images (same latents and "
-        "noise); about 0 means the network ignores that input. The caption swap is the yardstick of a "
-        "conditioning that was learned."), "",
+        "",
+        (
+            f"Conditioning use: the rise of each model's denoising error (x0 MSE, EMA weights) on "
+            f"{calibration['use_images']} of these crops when one input is swapped between images (same latents and "
+            "noise); about 0 means the network ignores that input. The caption swap is the yardstick of a "
+            "conditioning that was learned."
+        ),
+        "",
         "| model | swapped input | " + " | ".join(f"sigma {s}" for s in sigmas) + " |",
         "|---|---|" + "---|" * len(sigmas),
-    ]  # fmt: skip
+    ]
     for variant, per_key in use.items():
         for key, levels in per_key.items():
             cells = [f"{levels[s]['rise']:+.2%} ± {levels[s]['se']:.2%}" if s in levels else "n/a" for s in sigmas]
@@ -302,11 +340,13 @@ def calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
 
 def _total_time(record: Mapping[str, Any]) -> str:
     timings, reused = record["timings_seconds"], record.get("reused_steps", [])
-    line = (f"Total time: {sum(timings.values()) / 60:.1f} min "
-            f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")  # fmt: skip
+    line = (
+        f"Total time: {sum(timings.values()) / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})"
+    )
     if reused:
-        line += (f"; {', '.join(reused)} reused from an earlier run in this folder, counted with the time "
-                 "that run recorded")  # fmt: skip
+        line += (
+            f"; {', '.join(reused)} reused from an earlier run in this folder, counted with the time that run recorded"
+        )
     return line
 
 
@@ -319,37 +359,61 @@ def markdown(record: Mapping[str, Any], verdicts: Sequence[Mapping[str, Any]]) -
     s, vae = record["settings"], record["vae"]
     runs = record["runs"]
     lines = [
-        "# SDXL micro-conditioning study (miniature)", "",
-        f"Command: `{record['command']}`  ", _total_time(record), "",
-        "## Verdicts", "",
-        f"An effect in the right direction counts as shown only at one-sided p < {ALPHA}.", "",
-        *[f"- **{v['status']}**: {v['effect']}: {v['numbers']}" for v in verdicts], "",
-        "## Setup", "",
-        (f"- Data: {s['num_samples']} synthetic images (data/build_shapes_dataset.py, seed {s['seed']}): one circle, "
-        f"square or triangle in red, green, blue or yellow on light grey, framed near the centre; long side "
-        f"{s['min_side']}-{s['max_side']} px (log-uniform), nine aspect "
-        f"ratios; trained as {s['resolution']}x{s['resolution']} random square crops (small images upscaled)."),
-        (f"- VAE (f=4, trained first: no released VAE fits a model this small): sgm.training.vae_training, "
-        f"{vae['steps']} steps at lr {s['vae_lr']} ({vae['seconds']:.0f} s when it was trained), final L1 per "
-        f"pixel {vae['curve'][-1]['l1_per_pixel']:.4f} (images in [-1, 1]), latent scale factor {vae['scale_factor']:.5f}."),
+        "# SDXL micro-conditioning study (miniature)",
+        "",
+        f"Command: `{record['command']}`  ",
+        _total_time(record),
+        "",
+        "## Verdicts",
+        "",
+        f"An effect in the right direction counts as shown only at one-sided p < {ALPHA}.",
+        "",
+        *[f"- **{v['status']}**: {v['effect']}: {v['numbers']}" for v in verdicts],
+        "",
+        "## Setup",
+        "",
+        (
+            f"- Data: {s['num_samples']} synthetic images (data/build_shapes_dataset.py, seed {s['seed']}): one circle, "
+            f"square or triangle in red, green, blue or yellow on light grey, framed near the centre; long side "
+            f"{s['min_side']}-{s['max_side']} px (log-uniform), nine aspect "
+            f"ratios; trained as {s['resolution']}x{s['resolution']} random square crops (small images upscaled)."
+        ),
+        (
+            f"- VAE (f=4, trained first: no released VAE fits a model this small): sgm.training.vae_training, "
+            f"{vae['steps']} steps at lr {s['vae_lr']} ({vae['seconds']:.0f} s when it was trained), final L1 per "
+            f"pixel {vae['curve'][-1]['l1_per_pixel']:.4f} (images in [-1, 1]), latent scale factor {vae['scale_factor']:.5f}."
+        ),
         f"- Diffusion models: `python train.py experiment=conditioning_study/<variant>`, {s['train_steps']} steps "
         f"at batch {s['batch_size']}, lr {s['lr']}, seed {s['seed']}, {_predictions(runs)} (the experiment config says why), "
         f"{s.get('parallel_trainings', 1)} trained at a time, EMA weights sampled: "
-        + ", ".join(f"{v} (median {r.get('images_per_second_median', '?')} img/s)" for v, r in runs.items()) + ".",
-        (f"- Sampling: DPM++ 2M, {s['sampler_steps']} steps, guidance {s['guidance_scale']} against the empty "
-        f"caption, {len(record['prompts'])} prompts x {s['seeds_per_prompt']} seeds (seed = "
-        f"{s['seed']} + 1000 x prompt index + seed index) per condition; crop (0, 0) comparisons at original size "
-        f"{s['reference_size']}x{s['reference_size']}; crop sweep at original {_size_text(s)}; size conditions "
-        f"(square) at crop (0, 0); target size {s['resolution']}x{s['resolution']}."),
-        ("- Measures (sgm/eval/conditioning_metrics.py): border cut = the object's mask reaches the outermost "
-        "row or column; edge sharpness = median edge slope / contrast (about 1 / edge width in px); colour "
-        "and shape = nearest named colour / shape prototype vs the prompt. A sample with no object counts as "
-        "wrong colour and shape and as not cut."),
-        "", "## Samples", "", "![samples](samples.png)", "",
+        + ", ".join(f"{v} (median {r.get('images_per_second_median', '?')} img/s)" for v, r in runs.items())
+        + ".",
+        (
+            f"- Sampling: DPM++ 2M, {s['sampler_steps']} steps, guidance {s['guidance_scale']} against the empty "
+            f"caption, {len(record['prompts'])} prompts x {s['seeds_per_prompt']} seeds (seed = "
+            f"{s['seed']} + 1000 x prompt index + seed index) per condition; crop (0, 0) comparisons at original size "
+            f"{s['reference_size']}x{s['reference_size']}; crop sweep at original {_size_text(s)}; size conditions "
+            f"(square) at crop (0, 0); target size {s['resolution']}x{s['resolution']}."
+        ),
+        (
+            "- Measures (sgm/eval/conditioning_metrics.py): border cut = the object's mask reaches the outermost "
+            "row or column; edge sharpness = median edge slope / contrast (about 1 / edge width in px); colour "
+            "and shape = nearest named colour / shape prototype vs the prompt. A sample with no object counts as "
+            "wrong colour and shape and as not cut."
+        ),
+        "",
+        "## Samples",
+        "",
+        "![samples](samples.png)",
+        "",
         "One row per condition, the first seed of each prompt (prompts in the order of `prompts` in results.json).",
-        "", "## All conditions", "", *_table(record["conditions"]), "",
+        "",
+        "## All conditions",
+        "",
+        *_table(record["conditions"]),
+        "",
         *calibration_lines(record.get("calibration")),
-    ]  # fmt: skip
+    ]
     return "\n".join(lines) + "\n"
 
 

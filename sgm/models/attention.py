@@ -28,8 +28,11 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         context = x if context is None else context
         batch, length, _ = x.shape
-        q, k, v = (self._split_heads(self.to_q(x)), self._split_heads(self.to_k(context)),
-                   self._split_heads(self.to_v(context)))
+        q, k, v = (
+            self._split_heads(self.to_q(x)),
+            self._split_heads(self.to_k(context)),
+            self._split_heads(self.to_v(context)),
+        )
         out = F.scaled_dot_product_attention(q, k, v)  # default scale = dim_head ** -0.5
         return self.to_out(out.transpose(1, 2).reshape(batch, length, -1))
 

@@ -113,9 +113,7 @@ class Level(nn.Module):
     ) -> None:
         super().__init__()
         widths = [in_channels] + [out_channels] * num_blocks
-        self.block = nn.ModuleList(
-            ResnetBlock(widths[j], widths[j + 1], norm_num_groups) for j in range(num_blocks)
-        )
+        self.block = nn.ModuleList(ResnetBlock(widths[j], widths[j + 1], norm_num_groups) for j in range(num_blocks))
         if resample == "down":
             self.downsample = Downsample(out_channels)
         elif resample == "up":

@@ -9,12 +9,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from sgm import config_dir
 from sgm.models.sdxl import SDXL
 
 
 def config_root() -> Path:
-    """The repository's configs/ folder (the package is installed in editable mode from the repo)."""
-    return Path(__file__).resolve().parents[2] / "configs"
+    """The shipped configs/ folder (sgm.config_dir: the checkout's, or the installed package's copy)."""
+    return config_dir()
 
 
 def shipped_model_configs() -> list[str]:

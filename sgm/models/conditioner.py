@@ -136,8 +136,7 @@ class Conditioner(nn.Module):
                     outputs = self._with_empty_caption(index, outputs, dropped)
             elif key not in batch:
                 raise KeyError(
-                    f"conditioner needs batch key '{key}' for {type(module).__name__}; "
-                    f"the batch has {sorted(batch)}"
+                    f"conditioner needs batch key '{key}' for {type(module).__name__}; the batch has {sorted(batch)}"
                 )
             else:
                 outputs = self._embed(module, batch[key])

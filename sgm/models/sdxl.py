@@ -35,7 +35,10 @@ class SDXL(nn.Module):
 
     def _check_conditioning_dims(self) -> None:
         dims = self.conditioner.output_dims
-        expected = {CROSSATTN: getattr(self.unet, "context_dim", None), VECTOR: getattr(self.unet, "adm_in_channels", None)}
+        expected = {
+            CROSSATTN: getattr(self.unet, "context_dim", None),
+            VECTOR: getattr(self.unet, "adm_in_channels", None),
+        }
         for key, want in expected.items():
             if want is not None and dims[key] != want:
                 raise ValueError(
@@ -49,7 +52,9 @@ class SDXL(nn.Module):
             part.eval()
             part.requires_grad_(False)
 
-    def encode_first_stage(self, images: Tensor, sample: bool = True, generator: torch.Generator | None = None) -> Tensor:
+    def encode_first_stage(
+        self, images: Tensor, sample: bool = True, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Images in [-1, 1] -> scaled latents (posterior sample, or its mean with sample=False)."""
         posterior = self.vae.encode(images)
         latents = posterior.sample(generator=generator) if sample else posterior.mode()

@@ -70,7 +70,7 @@ class _TextTower(nn.Module):
         """True when no parameter requires grad (SDXL keeps its text towers frozen)."""
         return not any(p.requires_grad for p in self.parameters())
 
-    def freeze(self) -> "_TextTower":
+    def freeze(self) -> _TextTower:
         """Eval mode, no grads: the reference setting for SDXL training."""
         self.eval()
         self.requires_grad_(False)
@@ -237,7 +237,7 @@ def clip_l_from_official(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, Tensor]] = {}
     for key, value in state_dict.items():
-        relative = key[len(_HF):] if key.startswith(_HF) else None
+        relative = key[len(_HF) :] if key.startswith(_HF) else None
         if key == _POSITION_IDS:
             _check_position_ids(value)
         elif relative in global_keys:

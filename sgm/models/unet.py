@@ -56,8 +56,14 @@ class UNetModel(nn.Module):
     ) -> None:
         super().__init__()
         channel_mult, transformer_depth = tuple(channel_mult), tuple(transformer_depth)
-        _check_config(model_channels, channel_mult, transformer_depth, transformer_depth_middle,
-                      num_head_channels, norm_num_groups)
+        _check_config(
+            model_channels,
+            channel_mult,
+            transformer_depth,
+            transformer_depth_middle,
+            num_head_channels,
+            norm_num_groups,
+        )
         self.in_channels, self.out_channels, self.model_channels = in_channels, out_channels, model_channels
         self.context_dim, self.adm_in_channels = context_dim, adm_in_channels
         self.num_levels = len(channel_mult)

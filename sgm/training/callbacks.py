@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +12,14 @@ import lightning.pytorch as pl
 import torch
 
 from sgm.inference import generate_latents, image_grid, latents_to_uint8
+from sgm.parallel import plan_for
 
 
 class SampleImages(pl.Callback):
     """Every `every_n_steps` optimizer steps (and at the end) sample the prompts, one seed per column.
 
-    Uses the EMA UNet when the module has one. Rank 0 only; the grid (rows = seeds, columns =
+    Uses the EMA weights when the module has them (its `ema_applied`). Rank 0 only, and only where the
+    strategy lets rank 0 run the model alone (not with sharded weights); the grid (rows = seeds, columns =
     prompts) goes to `<out_dir>/step_<step>.png` and to the logger when it has `log_image` (wandb).
     """
 
@@ -36,7 +39,12 @@ class SampleImages(pl.Callback):
         super().__init__()
         self.out_dir, self.prompts, self.seeds = Path(out_dir), list(prompts), list(seeds)
         self.every_n_steps, self.height, self.width = every_n_steps, height, width
-        self.sampler, self.guidance_scale, self.use_ema, self.at_train_end = sampler, guidance_scale, use_ema, at_train_end
+        self.sampler, self.guidance_scale, self.use_ema, self.at_train_end = (
+            sampler,
+            guidance_scale,
+            use_ema,
+            at_train_end,
+        )
         self.written: list[Path] = []
         self._last_step = -1
 
@@ -52,20 +60,30 @@ class SampleImages(pl.Callback):
     def sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
         """Write (rank 0) and log the grid for the current step; returns its path."""
         self._last_step = trainer.global_step
-        if trainer.global_rank != 0:
+        if trainer.global_rank != 0 or not plan_for(getattr(trainer, "strategy", None)).samples_on_rank_zero:
             return None
-        model = pl_module.sampling_model(self.use_ema) if hasattr(pl_module, "sampling_model") else pl_module.model
+        weights = (
+            pl_module.ema_applied(self.use_ema) if hasattr(pl_module, "ema_applied") else nullcontext(pl_module.model)
+        )
         was_training = pl_module.training
         pl_module.eval()
         rows = []
         try:
-            for seed in self.seeds:
-                sampler = self.sampler() if callable(self.sampler) else self.sampler
-                with torch.autocast(device_type=pl_module.device.type, enabled=False):
-                    latents = generate_latents(model, self.prompts, self.height, self.width, sampler=sampler,
-                                               denoiser=getattr(pl_module, "denoiser", None),
-                                               guidance_scale=self.guidance_scale, seed=seed)  # fmt: skip
-                rows.append(latents_to_uint8(model, latents))
+            with weights as model:
+                for seed in self.seeds:
+                    sampler = self.sampler() if callable(self.sampler) else self.sampler
+                    with torch.autocast(device_type=pl_module.device.type, enabled=False):
+                        latents = generate_latents(
+                            model,
+                            self.prompts,
+                            self.height,
+                            self.width,
+                            sampler=sampler,
+                            denoiser=getattr(pl_module, "denoiser", None),
+                            guidance_scale=self.guidance_scale,
+                            seed=seed,
+                        )
+                    rows.append(latents_to_uint8(model, latents))
         finally:
             pl_module.train(was_training)
         grid = image_grid(torch.cat(rows), columns=len(self.prompts))
@@ -75,7 +93,9 @@ class SampleImages(pl.Callback):
         self.written.append(path)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
-                logger.log_image(key="samples", images=[grid], step=trainer.global_step, caption=[" | ".join(self.prompts)])
+                logger.log_image(
+                    key="samples", images=[grid], step=trainer.global_step, caption=[" | ".join(self.prompts)]
+                )
         return path
 
 
@@ -94,8 +114,9 @@ class ThroughputMonitor(pl.Callback):
             if tracked is not None:
                 tracked.take_wait_seconds()  # the first fetch (worker start-up) is not a step's wait
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:  # fmt: skip
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         now = time.perf_counter()
         seconds = max(now - (self._last or now), 1e-9)
         self._last = now
@@ -123,7 +144,9 @@ class BatchKeyLog(pl.Callback):
         super().__init__()
         self.path = Path(path)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_rank != 0:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,39 +1,47 @@
-"""Exponential moving average of the UNet weights: fp32, whole on every rank, also under DeepSpeed ZeRO-2/3."""
+"""Exponential moving average of the trained parameters: fp32, whole on every rank, whatever the strategy.
+
+The EMA holds one fp32 tensor per trained parameter, under the parameter's module key
+(`model.unet.input_blocks.0.0.weight`), so a checkpoint stores it as `ema.<module key>` beside the
+trained weights, plus `ema.num_updates`. It is no module of the model: a strategy that casts or
+shards the model's parameters leaves it alone (the training module carries it through state_dict,
+load_state_dict and moves). Reading sharded weights goes through a `gather` function (the parallel
+plan's `whole_parameters`): with sharded weights an update is a collective, call it on every rank.
+"""
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-# Under ZeRO-3 parameters are gathered this many elements at a time to update the average
-# (bounds the transient memory: 2^27 elements = 256 MB in bf16).
-GATHER_NUMEL = 1 << 27
+NamedTensors = list[tuple[str, Tensor]]
+Gather = Callable[[NamedTensors], Iterator[NamedTensors]]
+Params = nn.Module | Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]
+NUM_UPDATES = "num_updates"
 
 
-class EMA(nn.Module):
+def whole(named: NamedTensors) -> Iterator[NamedTensors]:
+    """The default gather: the weights are whole already, one chunk."""
+    yield named
+
+
+class EMA:
     """shadow <- d * shadow + (1 - d) * weights, with d = min(decay, (1 + n) / (10 + n)).
 
     The warmup (n = updates so far) is the official LitEma's: early averages follow the weights
-    closely instead of being dominated by the random init. `shadow` is a frozen copy of the network,
-    so it can stand in for it (validation samples, export); buffers are copied, not averaged.
-
-    Under DeepSpeed the training module keeps the EMA outside the engine's module tree, so it stays
-    fp32 and whole: with ZeRO-2 the weights are whole on every rank and are averaged directly; with
-    ZeRO-3 they are partitioned, and each update gathers them chunk by chunk on every rank (a
-    collective: call `update` on all ranks), so each rank holds the whole fp32 average.
+    closely instead of being dominated by the random init. Only parameters are averaged; buffers stay
+    the model's. `weights()` gives the average by key; `applied_to(model)` puts it in place for sampling.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999) -> None:
-        super().__init__()
+    def __init__(self, params: Params, decay: float = 0.9999) -> None:
+        """`params`: the trained parameters by key (a mapping, (key, tensor) pairs, or a module's own names)."""
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay} (module.ema_decay; null turns EMA off)")
         self.decay = float(decay)
-        self.shadow = copy.deepcopy(model).eval()
-        self.shadow.requires_grad_(False)
-        self.register_buffer("num_updates", torch.tensor(0, dtype=torch.long))
+        self.shadow: dict[str, Tensor] = {k: p.detach().to(torch.float32, copy=True) for k, p in _named(params)}
+        self.num_updates = torch.tensor(0, dtype=torch.long)
 
     def current_decay(self) -> float:
         """The decay the next update uses."""
@@ -41,50 +49,84 @@ class EMA(nn.Module):
         return min(self.decay, (1 + n) / (10 + n))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Average `model`'s parameters into the shadow (call once per optimizer step, on every rank)."""
-        self._blend(model, 1.0 - self.current_decay())
+    def update(self, params: Params, gather: Gather = whole) -> None:
+        """Average the parameters into the shadow (once per optimizer step, on every rank)."""
+        self._blend(params, 1.0 - self.current_decay(), gather)
         self.num_updates += 1
 
     @torch.no_grad()
-    def copy_from(self, model: nn.Module) -> None:
-        """Restart the average at `model`'s current weights (EMA switched on for a run that had none)."""
-        self._blend(model, 1.0)
+    def copy_from(self, params: Params, gather: Gather = whole) -> None:
+        """Restart the average at the current weights (EMA switched on for a run that had none)."""
+        self._blend(params, 1.0, gather)
         self.num_updates.zero_()
 
-    def _blend(self, model: nn.Module, weight: float) -> None:
-        shadow = dict(self.shadow.named_parameters())
-        for chunk in _whole_parameters(list(model.named_parameters())):
-            for name, param in chunk:
-                target = shadow[name]
+    def _blend(self, params: Params, weight: float, gather: Gather) -> None:
+        named = list(_named(params))
+        keys = {k for k, _ in named}
+        if keys != set(self.shadow):
+            missing, unexpected = sorted(set(self.shadow) - keys), sorted(keys - set(self.shadow))
+            raise KeyError(f"the EMA averages other parameters: {missing[:3]} not given, {unexpected[:3]} not averaged")
+        for chunk in gather(named):
+            for key, param in chunk:
+                target = self.shadow[key]
                 target.lerp_(param.detach().to(device=target.device, dtype=target.dtype), weight)
-        shadow_buffers = dict(self.shadow.named_buffers())
-        for name, buffer in model.named_buffers():
-            shadow_buffers[name].copy_(buffer)
 
-    def train(self, mode: bool = True) -> EMA:
-        """The shadow always stays in eval mode."""
-        super().train(mode)
-        self.shadow.eval()
+    def weights(self) -> dict[str, Tensor]:
+        """The averaged weights by module key (the EMA's own tensors: copy before changing them)."""
+        return dict(self.shadow)
+
+    @contextmanager
+    def applied_to(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Put the averaged weights in place of `model`'s parameters (keys relative to `model`), restore on exit.
+
+        The parameters take the EMA's tensors themselves (fp32, no copy): use the model for inference only."""
+        originals = {}
+        try:
+            for key, average in self.shadow.items():
+                param = model.get_parameter(key)
+                originals[key] = param.data
+                param.data = average.to(param.device)
+            yield model
+        finally:
+            for key, data in originals.items():
+                model.get_parameter(key).data = data
+
+    # -- checkpoints and moves ------------------------------------------------------------------
+    def state_dict(self, prefix: str = "", keep_vars: bool = False) -> dict[str, Tensor]:
+        """`{prefix}<module key>` per averaged parameter, and `{prefix}num_updates`."""
+        state = {f"{prefix}{key}": value for key, value in self.shadow.items()}
+        state[f"{prefix}{NUM_UPDATES}"] = self.num_updates
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Tensor], strict: bool = True) -> None:
+        """Restore from `state_dict()` (without prefix); strict: exactly the averaged parameters, no others."""
+        state = dict(state)
+        count = state.pop(NUM_UPDATES, None)
+        missing = sorted(set(self.shadow) - set(state))
+        unexpected = sorted(set(state) - set(self.shadow))
+        if strict and (missing or unexpected or count is None):
+            raise RuntimeError(
+                f"the checkpoint's EMA does not fit the trained parameters: {len(missing)} missing {missing[:3]}, "
+                f"{len(unexpected)} unexpected {unexpected[:3]}; resume with the run's module.trainable, or set "
+                "module.ema_decay=null"
+            )
+        for key, value in state.items():
+            if key in self.shadow:
+                self.shadow[key].copy_(value)
+        if count is not None:
+            self.num_updates.copy_(count)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> EMA:
+        """What nn.Module._apply does to buffers (.to, .cuda, .double), for the module to forward moves to."""
+        self.shadow = {key: fn(value) for key, value in self.shadow.items()}
+        self.num_updates = fn(self.num_updates)
         return self
 
 
-def _whole_parameters(named: list[tuple[str, nn.Parameter]]) -> Iterator[list[tuple[str, nn.Parameter]]]:
-    """Yield the parameters in chunks, each whole while it is handled (ZeRO-3 ones are gathered for it)."""
-    if not any(hasattr(param, "ds_id") for _, param in named):
-        yield named
-        return
-    import deepspeed  # only ever reached under ZeRO-3, where it is installed
-
-    chunk: list[tuple[str, nn.Parameter]] = []
-    size = 0
-    for name, param in named:
-        chunk.append((name, param))
-        size += int(getattr(param, "ds_numel", param.numel()))
-        if size >= GATHER_NUMEL:
-            with deepspeed.zero.GatheredParameters([p for _, p in chunk]):
-                yield chunk
-            chunk, size = [], 0
-    if chunk:
-        with deepspeed.zero.GatheredParameters([p for _, p in chunk]):
-            yield chunk
+def _named(params: Params) -> Iterator[tuple[str, Tensor]]:
+    if isinstance(params, nn.Module):
+        return iter(params.named_parameters())
+    if isinstance(params, Mapping):
+        return iter(params.items())
+    return iter(params)

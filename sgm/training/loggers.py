@@ -28,7 +28,7 @@ def wandb_logged_in(environ: dict[str, str] | None = None, netrc_path: str | Non
 
 
 def resolve_wandb_mode(mode: str = "auto", environ: dict[str, str] | None = None) -> str:
-    """"online" | "offline": an explicit mode wins, then WANDB_MODE, then whether the user is logged in."""
+    """ "online" | "offline": an explicit mode wins, then WANDB_MODE, then whether the user is logged in."""
     environ = os.environ if environ is None else environ
     if mode not in ("auto", "online", "offline"):
         raise ValueError(f"logger.mode must be auto, online or offline, got {mode!r}")

@@ -1,14 +1,16 @@
-"""The LightningModule: trains the UNet of an SDXL model with the diffusion loss; the rest stays frozen.
+"""The LightningModule: trains the parts of an SDXL model that `module.trainable` names (by default the UNet).
 
-Frozen VAE and text encoders: eval mode, no grads, not in the optimizer and, by default, not in
-the training checkpoint (`state_dict` keeps the UNet and the EMA only). On resume the module is
-built again from the model config (and its pretrained file), so the frozen parts come from there.
+Parts outside the trainable set (sgm/training/trainable.py), the VAE and by default the text encoders:
+eval mode, no grads, not in the optimizer or the EMA and, by default, not in the training checkpoint
+(`state_dict` keeps the trained parts, their EMA and the denoiser's table). The frozen parts come from
+the sources the run recorded (sgm/checkpoint/lineage.py), on resume and in every later load.
+What differs between strategies (wrapping, sharded weights, steps) is the parallel plan's business (sgm/parallel).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,27 +19,21 @@ from torch import Tensor
 
 from sgm.diffusion.denoiser import DiscreteDenoiser
 from sgm.diffusion.loss import DiffusionLoss
+from sgm.models.conditioner import CACHED_EMBEDDINGS
 from sgm.models.sdxl import SDXL
+from sgm.parallel import ParallelPlan, plan_for
 from sgm.training.ema import EMA
 from sgm.training.lr import warmup_schedule
 from sgm.training.optim import build_optimizer, check_optimizer_name
-from sgm.training.strategies import (
-    deepspeed_engine,
-    scalar_parameters_to_buffers,
-    zero_stage,
-)
+from sgm.training.trainable import TrainableSet
 
-FROZEN_PARTS = ("model.conditioner.", "model.vae.")
 BATCH_META_KEYS = ("__key__", "__url__")
+EMA_PREFIX = "ema."
+LEGACY_EMA_PREFIX = "shadow."  # older checkpoints: `ema.shadow.<unet key>`, the EMA of the UNet alone
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised after too many optimizer steps in a row were skipped for a NaN/inf loss."""
-
-
-def is_frozen_key(key: str) -> bool:
-    """Whether a module state_dict key belongs to the frozen conditioner or VAE (any prefix)."""
-    return any(key.startswith(part) or f".{part}" in key for part in FROZEN_PARTS)
 
 
 def pixels_to_unit_range(pixels: Tensor) -> Tensor:
@@ -48,7 +44,7 @@ def pixels_to_unit_range(pixels: Tensor) -> Tensor:
 
 
 class SDXLTrainingModule(pl.LightningModule):
-    """UNet training on an SDXL model: VAE encode, conditioner with CFG dropout, DiffusionLoss."""
+    """Training of an SDXL model's trainable set: VAE encode, conditioner with CFG dropout, DiffusionLoss."""
 
     def __init__(
         self,
@@ -70,14 +66,18 @@ class SDXLTrainingModule(pl.LightningModule):
         max_nonfinite_in_row: int = 5,
         save_frozen_parts: bool = False,
         offload_frozen: bool = False,
+        trainable: TrainableSet | Mapping[str, Any] | None = None,
     ) -> None:
         """`loss` is a partial of DiffusionLoss missing its denoiser (the module owns the denoiser,
         so its `sigmas` table moves with the module). `ema_decay=None` turns the EMA off.
-        `offload_frozen` keeps the VAE and text encoders on the CPU once fit starts (they then only
-        embed sample prompts and decode samples): for cached latents + text embeddings on a small GPU."""
+        `offload_frozen` keeps the frozen VAE and text encoders on the CPU once fit starts (they then only
+        embed sample prompts and decode samples): for cached latents + text embeddings on a small GPU.
+        `trainable`: the parts that train and their lr / weight decay (`module.trainable`; None: the UNet)."""
         super().__init__()
         self.model = model
-        self.model.freeze_frozen_parts()
+        self.trainable = trainable if isinstance(trainable, TrainableSet) else TrainableSet(trainable)
+        self.trainable.apply(self.model)  # freezes everything else; an unknown part name fails here
+        self.plan: ParallelPlan = ParallelPlan()  # the strategy's plan, from the trainer in setup()
         self.denoiser = denoiser
         self.loss_fn = loss(denoiser=denoiser)
         self.lr, self.betas, self.weight_decay, self.eps = lr, tuple(betas), weight_decay, eps
@@ -87,9 +87,9 @@ class SDXLTrainingModule(pl.LightningModule):
         warmup_schedule(warmup_steps, lr_schedule, 10**9 if lr_schedule == "cosine" else None)  # validate early
         if gradient_checkpointing is not None:
             self.model.unet.set_gradient_checkpointing(gradient_checkpointing)
-        # The EMA is a plain attribute, not a submodule: DeepSpeed casts every submodule's parameters to
-        # bf16 and partitions them under ZeRO-3. state_dict, load_state_dict and _apply carry it instead.
-        self.__dict__["ema"] = EMA(self.model.unet, ema_decay) if ema_decay is not None else None
+        # The EMA is a plain attribute, not a submodule: a strategy may cast the module's parameters (bf16) and
+        # shard them. state_dict, load_state_dict and _apply carry it instead.
+        self.__dict__["ema"] = EMA(self.trained_parameters(), ema_decay) if ema_decay is not None else None
         self._ema_from_weights_at_start = False
         if compile:  # after the EMA copy; in place, so parameter names (and checkpoints) stay the same
             self.model.unet.compile()
@@ -101,24 +101,36 @@ class SDXLTrainingModule(pl.LightningModule):
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
 
+    def trained_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """(state_dict key, parameter) of every parameter that trains: what the EMA averages."""
+        return self.trainable.named_parameters(self.model)
+
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
-        """UNet (+ EMA, denoiser table) only, unless save_frozen_parts: the frozen parts are rebuilt."""
+        """The trained parts (+ their EMA as `ema.<key>`, the denoiser table) only, unless save_frozen_parts:
+        the frozen parts come from the sources the run recorded (lineage.json)."""
         full = super().state_dict(*args, **kwargs)
-        if self.ema is not None:  # outside the module tree (see __init__), under its usual "ema." keys
-            prefix = kwargs.get("prefix", "")
-            full.update(self.ema.state_dict(prefix=f"{prefix}ema.", keep_vars=kwargs.get("keep_vars", False)))
-        if self.save_frozen_parts:
-            return full
-        return OrderedDict((k, v) for k, v in full.items() if not is_frozen_key(k))
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        if not self.save_frozen_parts:
+            kept = self.trainable.state_prefixes(self.model, prefix=f"{prefix}model.")
+            for key in [k for k in full if k.startswith(f"{prefix}model.") and not k.startswith(kept)]:
+                del full[key]  # in place: a parent module's `destination` is this same dict
+        if self.ema is not None:  # outside the module tree (see __init__), under "ema.<key>"
+            full.update(self.ema.state_dict(prefix=f"{prefix}{EMA_PREFIX}", keep_vars=kwargs.get("keep_vars", False)))
+        return full
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """A training checkpoint: frozen parts may be absent (this module has them from its config); the
         EMA is restored, started from the loaded weights when the checkpoint has none, or ignored when off."""
         state = dict(state_dict)
-        ema_state = {k.removeprefix("ema."): state.pop(k) for k in list(state) if k.startswith("ema.")}
+        ema_state = {k.removeprefix(EMA_PREFIX): state.pop(k) for k in list(state) if k.startswith(EMA_PREFIX)}
+        ema_state = {
+            f"model.unet.{k.removeprefix(LEGACY_EMA_PREFIX)}" if k.startswith(LEGACY_EMA_PREFIX) else k: v
+            for k, v in ema_state.items()
+        }
         result = super().load_state_dict(state, strict=False, assign=assign)
-        missing = [k for k in result.missing_keys if not is_frozen_key(k)]
+        kept = self.trainable.state_prefixes(self.model)
+        missing = [k for k in result.missing_keys if not k.startswith("model.") or k.startswith(kept)]
         if strict and (missing or result.unexpected_keys):
             raise RuntimeError(
                 f"the checkpoint does not fit this model: {len(missing)} missing keys {missing[:3]}, "
@@ -127,10 +139,10 @@ class SDXLTrainingModule(pl.LightningModule):
         if self.ema is not None and ema_state:
             self.ema.load_state_dict(ema_state, strict=strict)
         elif self.ema is not None:  # EMA switched on mid-run: start it from the weights
-            if any(hasattr(p, "ds_id") for p in self.model.unet.parameters()):
-                self._ema_from_weights_at_start = True  # ZeRO-3: the weights arrive later, from the optimizer shards
+            if self.plan.weights_restored_after_load:
+                self._ema_from_weights_at_start = True  # the strategy restores the weights later (ZeRO-3)
             else:
-                self.ema.copy_from(self.model.unet)
+                self.ema.copy_from(self.trained_parameters(), gather=self.plan.whole_parameters)
         return result._replace(missing_keys=missing)
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> SDXLTrainingModule:
@@ -141,28 +153,38 @@ class SDXLTrainingModule(pl.LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
-        if zero_stage(self.trainer.strategy) is not None:  # DeepSpeed cannot broadcast 0-dim parameters
-            scalar_parameters_to_buffers(self.model)
+        """Take the strategy's plan and let it adapt the model before the strategy wraps it."""
+        self.plan = plan_for(self.trainer.strategy)
+        self.plan.prepare_model(self.model)
 
     def on_train_start(self) -> None:
         if self._ema_from_weights_at_start:
-            self.ema.copy_from(self.model.unet)  # every rank: a gather under ZeRO-3
+            self.ema.copy_from(self.trained_parameters(), gather=self.plan.whole_parameters)  # every rank
             self._ema_from_weights_at_start = False
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The skipped-step count; the weights are restored by load_state_dict (or by DeepSpeed)."""
+        """The skipped-step count, and a check that the checkpoint trained the same parts; the weights are
+        restored by load_state_dict (or by the strategy)."""
         nonfinite = checkpoint.get("sgm_nonfinite_total")
         self.nonfinite_total = int(nonfinite or 0)
+        saved = list(checkpoint.get("sgm_trainable") or ["unet"])  # older checkpoints trained the UNet
+        if sorted(saved) != sorted(self.trainable.names):
+            raise ValueError(
+                f"the checkpoint trained {saved} but module.trainable names {list(self.trainable.names)}: resume "
+                "with the run's module.trainable, or export the checkpoint and start a new run from the file "
+                "(pretrained=out.safetensors name=...)"
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["sgm_nonfinite_total"] = self.nonfinite_total
+        checkpoint["sgm_trainable"] = list(self.trainable.names)
 
     # -- training ------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> SDXLTrainingModule:
         """Lightning calls train() on the whole module: keep the frozen parts in eval mode."""
         super().train(mode)
-        self.model.conditioner.eval()
-        self.model.vae.eval()
+        if "trainable" in self.__dict__:
+            self.trainable.keep_frozen_in_eval(self.model)
         return self
 
     def encode(self, pixels: Tensor) -> Tensor:
@@ -181,8 +203,10 @@ class SDXLTrainingModule(pl.LightningModule):
             self.model.conditioner.set_empty_caption_outputs(empty)
         if self.offload_frozen:
             self.model.vae.to("cpu")
+            trained = self.trainable.embedder_indices(self.model)
             for index in self.model.conditioner.text_embedder_indices():
-                self.model.conditioner.embedders[index].to("cpu")
+                if index not in trained:
+                    self.model.conditioner.embedders[index].to("cpu")
 
     def batch_latents(self, batch: Mapping[str, Any]) -> Tensor:
         """Cached latents when the loader gives them (LatentLoader: the VAE is skipped), else VAE-encoded pixels."""
@@ -192,10 +216,19 @@ class SDXLTrainingModule(pl.LightningModule):
                 "latents and text embeddings (data=cached_latents, shards cached with --text-embeddings); "
                 "set module.offload_frozen=false to train from images"
             )
+        cached = set(map(str, batch.get(CACHED_EMBEDDINGS) or ()))
+        trained = [i for i in self.trainable.embedder_indices(self.model) if str(i) in cached]
+        if trained:
+            raise ValueError(
+                f"the batch has cached text embeddings of embedder(s) {trained}, which module.trainable trains: they "
+                "must run on the captions; train them from shards without cached text embeddings"
+            )
         if "latents" in batch:
             return batch["latents"].float()
         if "jpg" not in batch:
-            raise KeyError(f"a training batch needs 'jpg' (image shards) or 'latents' (cached shards); got {sorted(batch)}")
+            raise KeyError(
+                f"a training batch needs 'jpg' (image shards) or 'latents' (cached shards); got {sorted(batch)}"
+            )
         return self.encode(batch["jpg"])
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
@@ -224,12 +257,9 @@ class SDXLTrainingModule(pl.LightningModule):
         self.nonfinite_in_row += 1
         self.nonfinite_total += 1
         self.log("train/nonfinite_skipped", float(self.nonfinite_total), batch_size=batch_size)
-        if deepspeed_engine(self._trainer) is not None:
-            raise NonFiniteLossError(
-                f"the loss was NaN/inf at step {self.global_step}; DeepSpeed cannot skip an optimizer step, so the "
-                "run stops: resume from the last checkpoint with a lower module.lr (or check the data), or train "
-                "with strategy=ddp, which skips such steps"
-            )
+        reason = self.plan.cannot_skip_step(self.global_step)
+        if reason is not None:
+            raise NonFiniteLossError(reason)
         if self.nonfinite_in_row >= self.max_nonfinite_in_row:
             raise NonFiniteLossError(
                 f"the loss was NaN/inf for {self.nonfinite_in_row} steps in a row (step {self.global_step}); "
@@ -238,32 +268,26 @@ class SDXLTrainingModule(pl.LightningModule):
             )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Log the total gradient norm (before clipping, which Lightning applies after this hook)."""
-        if deepspeed_engine(self._trainer) is not None:
-            return  # DeepSpeed keeps the gradients in its own (partitioned) buffers: logged after its step
-        grads = [p.grad for p in self.model.unet.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        """Log the total gradient norm (before clipping, which Lightning applies after this hook), where the
+        plan can read it here (else `optimizer_step` logs the engine's own)."""
+        norm = self.plan.grad_norm(p for _, p in self.trained_parameters())
+        if norm is not None:
             self.log("train/grad_norm", norm, batch_size=1)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """Step, then update the EMA (once per optimizer step, before checkpoint callbacks run).
+        """Step, then update the EMA (once per real optimizer step, before checkpoint callbacks run).
 
-        Under DeepSpeed this hook runs for every micro-batch (DeepSpeed accumulates gradients itself):
-        only a call where the engine really stepped counts, and the engine gives the gradient norm
-        (before clipping) it computed in that step.
+        An engine that accumulates micro-batches itself runs this hook for each of them: the plan
+        says whether the optimizer really stepped, and gives the engine's gradient norm of that step.
         """
-        engine = deepspeed_engine(self._trainer)
-        steps_before = engine.global_steps if engine is not None else None
-        super().optimizer_step(*args, **kwargs)
-        if engine is not None:
-            if engine.global_steps == steps_before:
-                return
-            norm = engine.get_global_grad_norm()
-            if norm is not None:
-                self.log("train/grad_norm", float(norm), batch_size=1)
+        with self.plan.optimizer_step() as step:
+            super().optimizer_step(*args, **kwargs)
+        if not step.stepped:
+            return
+        if step.grad_norm is not None:
+            self.log("train/grad_norm", step.grad_norm, batch_size=1)
         if self.ema is not None:
-            self.ema.update(self.model.unet)
+            self.ema.update(self.trained_parameters(), gather=self.plan.whole_parameters)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Tell the data module this batch is being trained (its loader state is saved after it)."""
@@ -272,18 +296,31 @@ class SDXLTrainingModule(pl.LightningModule):
             datamodule.mark_trained()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.model.unet.parameters() if p.requires_grad]
-        optimizer = build_optimizer(self.optimizer_name, params, lr=self.lr, betas=self.betas, eps=self.eps,
-                                    weight_decay=self.weight_decay, device_type=self.device.type,
-                                    extra=self.optimizer_kwargs)  # fmt: skip
+        """The optimizer over the trainable set's parameter groups (one per part), with the LR schedule."""
+        self.plan.check_optimizer(self.optimizer_name, self.device.type)
+        params = self.trainable.param_groups(self.model, self.lr, self.weight_decay)
+        optimizer = build_optimizer(
+            self.optimizer_name,
+            params,
+            lr=self.lr,
+            betas=self.betas,
+            eps=self.eps,
+            weight_decay=self.weight_decay,
+            device_type=self.device.type,
+            extra=self.optimizer_kwargs,
+        )
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
         factor = warmup_schedule(self.warmup_steps, self.lr_schedule, total, self.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
-    # -- sampling / export views ---------------------------------------------------------------
-    def sampling_model(self, use_ema: bool = True) -> SDXL:
-        """The SDXL model with the EMA UNet in place when there is one (shares every module)."""
-        if use_ema and self.ema is not None:
-            return SDXL(self.ema.shadow, self.model.conditioner, self.model.vae, self.model.scale_factor)
-        return self.model
+    # -- sampling ------------------------------------------------------------------------------
+    @contextmanager
+    def ema_applied(self, use_ema: bool = True) -> Iterator[SDXL]:
+        """The SDXL model, with the EMA weights in place of the trained ones while the block runs (restored
+        after) when there is an EMA and `use_ema`; for inference only (validation samples)."""
+        if not use_ema or self.ema is None:
+            yield self.model
+            return
+        with self.ema.applied_to(self):
+            yield self.model

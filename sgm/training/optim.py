@@ -13,9 +13,9 @@
   the parameters in temporaries).
 - `adamw8bit`: bitsandbytes' AdamW8bit (optional extra): both moments in uint8 with one fp32
   scale per 256 values (about 2.03 bytes per parameter); tensors under 4,096 values stay fp32.
-- `deepspeed_cpu_adam`: DeepSpeed's CPU AdamW (adamw_mode), the optimizer DeepSpeed requires
-  with ZeRO optimizer offload (`strategy=deepspeed_zero2_offload`): the fp32 master weights
-  and both moments live in host memory.
+- strategy-bound optimizers (`sgm.parallel.optimizers`): `deepspeed_cpu_adam`, DeepSpeed's CPU
+  AdamW for ZeRO optimizer offload (`strategy=deepspeed_zero2_offload`: the fp32 master weights and
+  both moments live in host memory). The module asks its parallel plan whether they apply.
 
 `state_bytes_per_tensor` gives each optimizer's state size for a parameter shape (what the
 memory estimate uses); tests check it against the real optimizers' state.
@@ -30,7 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-OPTIMIZERS = ("adamw", "adafactor", "adamw8bit", "deepspeed_cpu_adam")
+from sgm.parallel.optimizers import STRATEGY_OPTIMIZERS
+
+OPTIMIZERS = ("adamw", "adafactor", "adamw8bit", *STRATEGY_OPTIMIZERS)
 BNB_BLOCK_SIZE = 256  # values per fp32 absmax scale in bitsandbytes' blockwise 8-bit state
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps smaller tensors' state in fp32
 STEP_BYTES = 4  # torch's per-parameter `step` counter is a float32 scalar tensor
@@ -44,7 +46,7 @@ def check_optimizer_name(name: str) -> None:
 
 def build_optimizer(
     name: str,
-    params: Iterable[Tensor],
+    params: Iterable[Tensor] | Iterable[dict[str, Any]],
     lr: float,
     betas: Sequence[float] = (0.9, 0.999),
     weight_decay: float = 1e-2,
@@ -53,7 +55,8 @@ def build_optimizer(
     device_type: str = "cpu",
     extra: Mapping[str, Any] | None = None,
 ) -> torch.optim.Optimizer:
-    """The optimizer `name` over `params`; `extra` holds further constructor arguments (e.g. Adafactor's `d`)."""
+    """The optimizer `name` over `params` (tensors, or parameter groups whose own `lr` / `weight_decay` override
+    these); `extra` holds further constructor arguments (e.g. Adafactor's `d`)."""
     check_optimizer_name(name)
     kwargs = {key: _plain(value) for key, value in (extra or {}).items()}
     params = list(params)
@@ -65,8 +68,8 @@ def build_optimizer(
         kwargs = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, **kwargs}
         if name == "adamw" and device_type == "cuda":
             kwargs.setdefault("fused", True)
-        if name == "deepspeed_cpu_adam":
-            kwargs.setdefault("adamw_mode", True)
+        for key, value in (STRATEGY_OPTIMIZERS[name].defaults if name in STRATEGY_OPTIMIZERS else {}).items():
+            kwargs.setdefault(key, value)
     try:
         return factory(params, **kwargs)
     except TypeError as error:
@@ -87,9 +90,7 @@ def _adam_factory(name: str) -> Any:
                 "(or pip install -e '.[bnb]'); or choose module.optimizer=adafactor or adamw"
             ) from None
         return bitsandbytes.optim.AdamW8bit
-    from deepspeed.ops.adam import DeepSpeedCPUAdam  # built on first use (C++ extension, about a minute)
-
-    return DeepSpeedCPUAdam
+    return STRATEGY_OPTIMIZERS[name].load()
 
 
 def _plain(value: Any) -> Any:
@@ -106,13 +107,11 @@ def state_bytes_per_tensor(name: str, shape: Sequence[int], dtype: torch.dtype =
     itemsize = torch.empty((), dtype=dtype).element_size()
     if name == "adamw":
         return 2 * numel * itemsize + STEP_BYTES
-    if name == "deepspeed_cpu_adam":  # fp32 moments of the fp32 master copy; the step is a Python int
-        return 2 * numel * 4
+    if name in STRATEGY_OPTIMIZERS:
+        return STRATEGY_OPTIMIZERS[name].state_bytes_per_value * numel
     if name == "adafactor":
-        if len(shape) > 1:
-            values = numel // shape[-1] + numel // shape[-2]  # row factor [..., n, 1] + column factor [..., 1, m]
-        else:
-            values = numel
+        # a >=2-D tensor: a row factor [..., n, 1] + a column factor [..., 1, m]; a vector: one value each
+        values = numel // shape[-1] + numel // shape[-2] if len(shape) > 1 else numel
         return values * itemsize + STEP_BYTES
     if numel < BNB_MIN_8BIT_SIZE:  # adamw8bit, step kept as a Python int
         return 2 * numel * 4

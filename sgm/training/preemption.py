@@ -26,7 +26,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
-from sgm.training.checkpoint_io import save_checkpoint
+from sgm.parallel import save_training_checkpoint
 
 
 class Preempted(Exception):
@@ -88,7 +88,7 @@ class RequeueOnSignal(pl.Callback):
         self._last_step = trainer.global_step
         if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
             return
-        save_checkpoint(trainer, self.checkpoint_path)  # a DeepSpeed directory counts once complete
+        save_training_checkpoint(trainer, self.checkpoint_path)  # a sharded directory counts once complete
         if trainer.is_global_zero:  # report first: SLURM starts stopping the job as soon as it is requeued
             print(f"[sgm] preempted at step {trainer.global_step}: saved {self.checkpoint_path}", flush=True)
             print(f"[sgm] {self.requeue()}", flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,21 +18,27 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from sgm.checkpoint.export import export_model
+from sgm.checkpoint.lineage import read_lineage, restore_frozen, trained_groups, write_lineage
+from sgm.checkpoint.model_source import run_dir_of
+from sgm.checkpoint.pretrained import load_pretrained, require_pretrained_file
 from sgm.diffusion.samplers import DPMPP2MSampler
 from sgm.models.build import build_model
+from sgm.parallel import check_fits_strategy, newest_checkpoint, plan_for
 from sgm.training.callbacks import BatchKeyLog, SampleImages, ThroughputMonitor
-from sgm.training.checkpoint_io import (
-    AtomicCheckpointIO,
-    SafeModelCheckpoint,
-    check_fits_strategy,
-    newest_checkpoint,
-)
+from sgm.training.checkpoint_io import AtomicCheckpointIO, SafeModelCheckpoint
 from sgm.training.datamodule import SDXLDataModule
-from sgm.training.export import export_checkpoint
-from sgm.training.lineage import load_pretrained, require_pretrained_file, write_lineage
 from sgm.training.loggers import describe_logger
 from sgm.training.preemption import Preempted, slurm_callbacks, slurm_plugins
-from sgm.training.strategies import is_deepspeed_config, zero_stage
+from sgm.training.preflight import ConfigError, check_config, check_data, check_resume, hydra_context, user_errors
+from sgm.training.progress import (
+    LOGGER,
+    ProgressLog,
+    attach_log_file,
+    console_logging,
+    detach_log_file,
+    progress_interval,
+)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -41,11 +48,15 @@ def ensure_demo_data(cfg: DictConfig) -> None:
     spec = cfg.get("demo_data")
     if not spec or glob.glob(os.path.join(str(spec.out), "*.tar")):
         return
-    from data.build_demo_dataset import build_demo_dataset
+    from sgm.data.demo_dataset import build_demo_dataset
 
-    print(f"[sgm] building the demo dataset in {spec.out} ({spec.num_samples} samples)", flush=True)
-    build_demo_dataset(spec.out, num_samples=int(spec.num_samples), num_emoji=spec.get("num_emoji"),
-                       samples_per_shard=int(spec.get("samples_per_shard", 128)))
+    LOGGER.info(f"building the demo dataset in {spec.out} ({spec.num_samples} samples)")
+    build_demo_dataset(
+        spec.out,
+        num_samples=int(spec.num_samples),
+        num_emoji=spec.get("num_emoji"),
+        samples_per_shard=int(spec.get("samples_per_shard", 128)),
+    )
 
 
 def resolve_resume(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
@@ -58,47 +69,79 @@ def resolve_resume(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
         if found is None:
             return None
         resume = found
-    if not Path(str(resume)).exists():  # a .ckpt file, or a DeepSpeed .ckpt directory
+    if not Path(str(resume)).exists():  # a .ckpt file, or a sharded .ckpt directory
         raise FileNotFoundError(f"resume={resume}: no such checkpoint (use resume=auto or a .ckpt path)")
-    check_fits_strategy(str(resume), is_deepspeed_config(cfg.trainer.get("strategy")))
+    check_fits_strategy(str(resume), cfg.trainer.get("strategy"))
     return str(resume)
 
 
-def build_module(cfg: DictConfig) -> pl.LightningModule:
-    """The model from its config (+ the `pretrained_parts` of the `pretrained` file), in the training module.
+def build_module(cfg: DictConfig, resume_from: str | None = None) -> pl.LightningModule:
+    """The model from its config in the training module: fresh, or the frozen parts of the run it resumes.
 
-    Built right after seeding with cfg.seed: the parts no file supplies (all of a tiny model's) come out
-    the same in every rebuild (on resume, and in finish()'s export), so a run exports the frozen parts
-    it trained with and its children inherit them."""
+    A fresh start builds the model under cfg.seed and loads the `pretrained_parts` of the `pretrained`
+    file. A resume takes every frozen part from the source its run recorded (lineage.json: the parent
+    file or the run's frozen_parts.safetensors), checked against the fingerprints taken at the start; the
+    trained parts then come from the checkpoint."""
     if cfg.get("pretrained"):
         require_pretrained_file(cfg.pretrained)  # before building a model of billions of parameters
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model)
-    if cfg.get("pretrained"):
+    source_run = run_dir_of(Path(resume_from)) if resume_from else None
+    record = read_lineage(source_run) if source_run else None
+    if record is not None:
+        restore_frozen(model, source_run, record, skip=record.get("trained") or ())
+    elif cfg.get("pretrained"):
         load_pretrained(model, cfg.pretrained, cfg.get("pretrained_parts"))
     return instantiate(cfg.module, model=model)
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
-    checkpoints = SafeModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:06d}", auto_insert_metric_name=False,
-                                  every_n_train_steps=cfg.checkpoint.every_n_train_steps,
-                                  save_top_k=cfg.checkpoint.save_top_k, save_last=True)  # fmt: skip
+    checkpoints = SafeModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="step{step:06d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=cfg.checkpoint.every_n_train_steps,
+        save_top_k=cfg.checkpoint.save_top_k,
+        save_last=True,
+    )
     s = cfg.samples
-    samples = SampleImages(str(run_dir / "samples"), list(s.prompts), list(s.seeds), s.every_n_steps, s.height, s.width,
-                           sampler=partial(DPMPP2MSampler, num_steps=s.num_steps), guidance_scale=s.guidance_scale,
-                           at_train_end=s.get("at_train_end", True))  # fmt: skip
+    samples = SampleImages(
+        str(run_dir / "samples"),
+        list(s.prompts),
+        list(s.seeds),
+        s.every_n_steps,
+        s.height,
+        s.width,
+        sampler=partial(DPMPP2MSampler, num_steps=s.num_steps),
+        guidance_scale=s.guidance_scale,
+        at_train_end=s.get("at_train_end", True),
+    )
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     extra = [BatchKeyLog(str(run_dir / "batch_keys.tsv"))] if cfg.get("log_batch_keys") else []
+    progress = ProgressLog(
+        progress_interval(OmegaConf.select(cfg, "progress.every_n_steps", default="auto"), cfg.trainer.max_steps)
+    )
     trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
-    if isinstance(trainer_kwargs.get("strategy"), dict):  # a `_target_` strategy (the DeepSpeed configs)
+    if isinstance(trainer_kwargs.get("strategy"), dict):  # a `_target_` strategy (the sharded configs)
         trainer_kwargs["strategy"] = instantiate(trainer_kwargs["strategy"], _convert_="all")
-    zero3 = zero_stage(trainer_kwargs.get("strategy")) == 3  # samples run on rank 0 alone: its partial weights hang
-    if zero3 and rank_zero_only.rank == 0:
+    sharded = not plan_for(trainer_kwargs.get("strategy")).samples_on_rank_zero  # samples run on rank 0 alone
+    if sharded and rank_zero_only.rank == 0:
         print("[sgm] ZeRO-3: no validation samples during training; sample from the exported file", flush=True)
-    return pl.Trainer(default_root_dir=str(run_dir), logger=logger, plugins=[AtomicCheckpointIO(), *slurm_plugins()],
-                      callbacks=[checkpoints, *([] if zero3 else [samples]), ThroughputMonitor(), *extra, *slurm_callbacks(run_dir),
-                                 *(extra_callbacks or [])],
-                      **trainer_kwargs)  # fmt: skip
+    return pl.Trainer(
+        default_root_dir=str(run_dir),
+        logger=logger,
+        plugins=[AtomicCheckpointIO(), *slurm_plugins()],
+        callbacks=[
+            checkpoints,
+            *([] if sharded else [samples]),
+            ThroughputMonitor(),
+            *extra,
+            *slurm_callbacks(run_dir),
+            *(extra_callbacks or []),
+            progress,
+        ],
+        **trainer_kwargs,
+    )
 
 
 def job_run_dir(cfg: DictConfig) -> Path:
@@ -108,30 +151,96 @@ def job_run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.run_dir)
 
 
+def main_entry(cfg: DictConfig) -> None:
+    """The entry point's body (sgm.train, train.py): run(cfg); a mistake in the settings or files ends in one
+    message on stderr and exit code 2, without a traceback (SGM_TRACEBACK=1 shows it)."""
+    try:
+        run(cfg)
+    except user_errors() as error:
+        if os.environ.get("SGM_TRACEBACK"):
+            raise
+        print(f"[sgm] error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
 def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> dict[str, str]:
-    """Train as configured; returns (and prints, on rank 0) where each output went."""
+    """Train as configured; returns (and prints, on rank 0) where each output went.
+
+    Everything that can be checked is checked before the run directory is touched (sgm.training.preflight:
+    the settings, the data, what a resume would continue); a run that stops there, or has nothing left
+    to train, leaves an existing run as it was."""
+    console_logging()
+    check_config(cfg, *hydra_context())
+    run_dir = job_run_dir(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    run_dir = job_run_dir(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     ensure_demo_data(cfg)
-    ckpt_path = resolve_resume(cfg, run_dir / "checkpoints")
-    module = build_module(cfg)
+    check_data(cfg)
+    try:
+        ckpt_path = resolve_resume(cfg, run_dir / "checkpoints")
+    except ValueError as error:  # a checkpoint of the wrong kind for the strategy (the message names the fix)
+        raise ConfigError("resume", str(error)) from None
+    check_resume(cfg, ckpt_path)
+    done = finished_outputs(cfg, run_dir, ckpt_path)
+    if done is not None:
+        return done
+    module = build_module(cfg, ckpt_path)
     datamodule = SDXLDataModule(instantiate(cfg.data))
     trainer = build_trainer(cfg, run_dir, extra_callbacks)
+    log_file = None
     if trainer.global_rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        write_lineage(cfg, run_dir, module.model, resumed_from=ckpt_path)  # parent, its sha256, start weights
+        log_file = start_run_dir(cfg, run_dir)
+        write_lineage(
+            cfg,
+            run_dir,
+            module.model,
+            resumed_from=ckpt_path,  # parent, frozen parts, fingerprints
+            trained=trained_groups(module.state_dict()),
+        )
         if ckpt_path:
             print(f"[sgm] resuming from {ckpt_path}", flush=True)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    except Preempted:  # checkpointed and requeued: the requeued job resumes (resume=auto)
-        return {}
-    if trainer.global_rank != 0:
-        return {}
-    return finish(cfg, trainer, run_dir)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except Preempted:  # checkpointed and requeued: the requeued job resumes (resume=auto)
+            return {}
+        if trainer.global_rank != 0:
+            return {}
+        return finish(cfg, trainer, run_dir)
+    finally:
+        detach_log_file(log_file)
+
+
+def start_run_dir(cfg: DictConfig, run_dir: Path) -> Any:
+    """Once the checks passed, on rank 0: the run dir with config.yaml (resolved), Hydra's record of the
+    command (.hydra/overrides.yaml, hydra.yaml) and train.log; returns the log's handler."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if HydraConfig.initialized():
+        hydra = HydraConfig.get()
+        (run_dir / ".hydra").mkdir(exist_ok=True)
+        OmegaConf.save(OmegaConf.create(list(hydra.overrides.task)), run_dir / ".hydra" / "overrides.yaml")
+        OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(hydra)}), run_dir / ".hydra" / "hydra.yaml")
+    return attach_log_file(run_dir / "train.log")
+
+
+def finished_outputs(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> dict[str, str] | None:
+    """The recorded outputs of a run that already reached trainer.max_steps (its outputs.json is newer than
+    the checkpoint it would resume), after saying so; None when there is something to train."""
+    record = run_dir / "outputs.json"
+    if ckpt_path is None or not record.is_file() or record.stat().st_mtime_ns < Path(ckpt_path).stat().st_mtime_ns:
+        return None
+    outputs = json.loads(record.read_text())
+    if int(outputs.get("global_step", -1)) < cfg.trainer.max_steps:
+        return None
+    if rank_zero_only.rank == 0:
+        LOGGER.info(
+            f"{run_dir} already trained to step {outputs['global_step']} (trainer.max_steps="
+            f"{cfg.trainer.max_steps}): nothing to train. trainer.max_steps=<more> continues it, "
+            "name=<new run> starts another"
+        )
+    return outputs
 
 
 def finish(cfg: DictConfig, trainer: pl.Trainer, run_dir: Path) -> dict[str, str]:
@@ -141,13 +250,14 @@ def finish(cfg: DictConfig, trainer: pl.Trainer, run_dir: Path) -> dict[str, str
     if last is not None:
         outputs["checkpoint"] = str(last)
         suffix = "unet" if cfg.export.unet_only else "full"
-        with torch.random.fork_rng(devices=[]):  # the export rebuilds the model: same seed, same frozen parts
-            torch.default_generator.manual_seed(cfg.seed)
-            exported = export_checkpoint(last, run_dir / f"{cfg.name}_{suffix}.safetensors", cfg.model,
-                                         use_ema=cfg.export.ema, dtype=DTYPES[cfg.export.dtype],
-                                         unet_only=cfg.export.unet_only, pretrained=cfg.get("pretrained"),
-                                         pretrained_parts=cfg.get("pretrained_parts"))  # fmt: skip
-        outputs["export"] = f"{exported['path']} ({'EMA' if exported['ema'] else 'raw'} weights)"
+        exported = export_model(
+            last,
+            run_dir / f"{cfg.name}_{suffix}.safetensors",
+            weights="ema" if cfg.export.ema else "raw",
+            dtype=DTYPES[cfg.export.dtype],
+            parts=("unet",) if cfg.export.unet_only else ("unet", "text_encoders", "vae"),
+        )
+        outputs["export"] = f"{exported['path']} ({'EMA' if exported['weights'] == 'ema' else 'raw'} weights)"
     sampler = next((c for c in trainer.callbacks if isinstance(c, SampleImages)), None)
     if sampler is not None and sampler.written:
         outputs["samples"] = str(sampler.written[-1])

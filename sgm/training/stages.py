@@ -6,12 +6,12 @@
     python -m sgm.training.stages --root runs/sdxl --print-overrides refiner [overrides...]   # for sbatch
 
 Stages: pretrain_256 -> pretrain_512 -> multiaspect_1024 (base model) and refiner. Each stage is one
-`python train.py` process with stage=<stage>, run_dir=<root>/<stage>, name=<stage> and (after the first)
-pretrained=<root>/<parent>/<parent>_full.safetensors: the parent's exported final weights (EMA when
-it has them), loaded by part (configs/stage/refiner.yaml takes only the VAE and the text tower), with a
-fresh optimizer at step 0. A process per stage, not one process for all: it is exactly what a SLURM job
-runs (sbatch chains use the same overrides), a DDP launch re-executes its own command, and nothing
-leaks from one stage into the next (memory, seeds, threads).
+`python -m sgm.train` process (what `python train.py` runs) with stage=<stage>, run_dir=<root>/<stage>,
+name=<stage> and (after the first) pretrained=<root>/<parent>/<parent>_full.safetensors: the parent's
+exported final weights (EMA when it has them), loaded by part (configs/stage/refiner.yaml takes only the
+VAE and the text tower), with a fresh optimizer at step 0. A process per stage, not one process for
+all: it is exactly what a SLURM job runs (sbatch chains use the same overrides), a DDP launch re-executes
+its own command, and nothing leaks from one stage into the next (memory, seeds, threads).
 
 A stage whose final weights exist is finished and skipped; an unfinished one resumes from its newest
 checkpoint (resume=auto). Delete a stage's <stage>_full.safetensors to train it further or again.
@@ -31,13 +31,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from sgm import config_dir  # no torch: the runner process only waits on its stages
+
 STAGES: tuple[str, ...] = ("pretrain_256", "pretrain_512", "multiaspect_1024", "refiner")
 RUNNER_KEYS = ("stage", "run_dir", "name", "model", "export.unet_only")  # set per stage; refused in extra
 FIRST_STAGE_KEYS = ("pretrained", "pretrained_parts")  # where the pipeline starts: the first stage only
 TINY_PRESET = "experiment=tiny_stages"
-# The repository (configs/, train.py; as sgm.models.build.config_root), found without importing torch:
-# the runner process only waits on its stages.
-REPO = Path(__file__).resolve().parents[2]
+# The training entry point, run as a module so that an installed package (no checkout, no train.py) works.
+TRAIN_MODULE = "sgm.train"
 _PLAIN_VALUE = re.compile(r"^[\w./:@+-]+$", re.ASCII)
 
 
@@ -85,15 +86,15 @@ def stage_overrides(stage: str, root: Path, extra: Sequence[str] = ()) -> list[s
 
 
 def run_stages(root: str | Path, extra: Sequence[str] = (), python: str = sys.executable) -> dict[str, Path]:
-    """Run the unfinished stages in order, one `train.py` process each; returns stage -> final weights."""
+    """Run the unfinished stages in order, one `python -m sgm.train` process each; returns stage -> final
+    weights."""
     root = Path(root).absolute()
-    train_py = REPO / "train.py"
     for number, stage in enumerate(STAGES, start=1):
         weights = final_weights(stage, root)
         if weights.is_file():
             print(f"[sgm] stage {number}/{len(STAGES)} {stage}: finished, skipped ({weights})", flush=True)
             continue
-        command = [python, str(train_py), *stage_overrides(stage, root, extra)]
+        command = [python, "-m", TRAIN_MODULE, *stage_overrides(stage, root, extra)]
         print(f"[sgm] stage {number}/{len(STAGES)} {stage}: {shlex.join(command)}", flush=True)
         code = subprocess.run(command, check=False).returncode
         if code != 0:
@@ -102,8 +103,10 @@ def run_stages(root: str | Path, extra: Sequence[str] = (), python: str = sys.ex
                 "command again: finished stages are skipped and this one resumes from its newest checkpoint."
             )
         if not weights.is_file():
-            raise StageError(f"stage {stage} ended without writing {weights} (no checkpoint to export?); "
-                             f"see {weights.parent / 'outputs.json'}")  # fmt: skip
+            raise StageError(
+                f"stage {stage} ended without writing {weights} (no checkpoint to export?); "
+                f"see {weights.parent / 'outputs.json'}"
+            )
     return {stage: final_weights(stage, root) for stage in STAGES}
 
 
@@ -119,14 +122,24 @@ def report(root: str | Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sgm.training.stages", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))  # fmt: skip
-    parser.add_argument("--root", default=None, help="one folder per stage goes here (default: outputs/stages, "
-                        "outputs/stages_tiny with --tiny)")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m sgm.training.stages",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
+    parser.add_argument(
+        "--root",
+        default=None,
+        help="one folder per stage goes here (default: outputs/stages, outputs/stages_tiny with --tiny)",
+    )
     parser.add_argument("--tiny", action="store_true", help=f"the tiny CPU preset ({TINY_PRESET})")
-    parser.add_argument("--print-overrides", metavar="STAGE", choices=STAGES,
-                        help="print that stage's train.py overrides on one line, shell-quoted, and exit")  # fmt: skip
+    parser.add_argument(
+        "--print-overrides",
+        metavar="STAGE",
+        choices=STAGES,
+        help="print that stage's train.py overrides on one line, shell-quoted, and exit",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every stage, as for train.py")
     args = parser.parse_args(argv)
     root = Path(args.root or ("outputs/stages_tiny" if args.tiny else "outputs/stages"))
@@ -165,7 +178,7 @@ def _hydra_value(value: str) -> str:
 def _per_stage_experiment(override: str, stage: str) -> str:
     """experiment=NAME -> experiment=NAME/<stage> when configs/experiment/NAME/<stage>.yaml exists."""
     name = override.split("=", 1)[1].strip() if "=" in override else ""
-    if name and (REPO / "configs" / "experiment" / name / f"{stage}.yaml").is_file():
+    if name and (config_dir() / "experiment" / name / f"{stage}.yaml").is_file():
         return f"{override.split('=', 1)[0]}={name}/{stage}"
     return override
 

@@ -35,11 +35,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
 
+from sgm import config_dir
 from sgm.checkpoint.io import save_checkpoint
 from sgm.models.autoencoder import AutoencoderKL
 from sgm.training.module import pixels_to_unit_range
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = config_dir()  # the shipped configs/ (train.py composes the same)
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,9 @@ def compose_run_config(overrides: Sequence[str]) -> DictConfig:
         return compose("train", overrides=list(overrides))
 
 
-def vae_loss(vae: AutoencoderKL, images: Tensor, kl_weight: float, generator: torch.Generator | None = None
-             ) -> dict[str, Tensor]:  # fmt: skip
+def vae_loss(
+    vae: AutoencoderKL, images: Tensor, kl_weight: float, generator: torch.Generator | None = None
+) -> dict[str, Tensor]:
     """Per-image summed L1 (pixels + pixel differences) + kl_weight x KL, averaged over the batch."""
     posterior = vae.encode(images)
     reconstruction = vae.decode(posterior.sample(generator))
@@ -75,8 +77,9 @@ def vae_loss(vae: AutoencoderKL, images: Tensor, kl_weight: float, generator: to
 
 
 @torch.no_grad()
-def latent_scale_factor(vae: AutoencoderKL, batches: Sequence[Tensor], generator: torch.Generator | None = None
-                        ) -> float:  # fmt: skip
+def latent_scale_factor(
+    vae: AutoencoderKL, batches: Sequence[Tensor], generator: torch.Generator | None = None
+) -> float:
     """1 / std of posterior samples over the given image batches (LDM's recipe)."""
     latents = torch.cat([vae.encode(images).sample(generator).flatten() for images in batches])
     return float(1.0 / latents.std())
@@ -130,21 +133,34 @@ def train_vae(cfg: DictConfig, out: str | Path, settings: VAETrainingSettings) -
         schedule.step()
         window.append(float(losses["l1_per_pixel"]))
         if step % settings.log_every == 0 or step == settings.steps:
-            point = {"step": step, "l1_per_pixel": sum(window) / len(window), "kl": float(losses["kl"]),
-                     "seconds": round(time.time() - started, 1)}  # fmt: skip
+            point = {
+                "step": step,
+                "l1_per_pixel": sum(window) / len(window),
+                "kl": float(losses["kl"]),
+                "seconds": round(time.time() - started, 1),
+            }
             curve.append(point)
             window = []
-            print(f"[vae] step {step}: L1/pixel {point['l1_per_pixel']:.4f} (images in [-1, 1]), "
-                  f"KL {point['kl']:.1f}, {point['seconds']:.0f} s", flush=True)  # fmt: skip
+            print(
+                f"[vae] step {step}: L1/pixel {point['l1_per_pixel']:.4f} (images in [-1, 1]), "
+                f"KL {point['kl']:.1f}, {point['seconds']:.0f} s",
+                flush=True,
+            )
     vae.eval()
     scale = latent_scale_factor(vae, [next(batches) for _ in range(settings.scale_batches)], generator)
     loader.close()
     model.scale_factor = scale
-    record = {"scale_factor": scale, "steps": settings.steps, "settings": asdict(settings), "curve": curve,
-              "seconds": round(time.time() - started, 1)}  # fmt: skip
+    record = {
+        "scale_factor": scale,
+        "steps": settings.steps,
+        "settings": asdict(settings),
+        "curve": curve,
+        "seconds": round(time.time() - started, 1),
+    }
     out = Path(out)
-    save_checkpoint(model, out, parts=["vae"], metadata={"sgm.scale_factor": repr(scale),
-                                                         "sgm.vae_training": json.dumps(record)})  # fmt: skip
+    save_checkpoint(
+        model, out, parts=["vae"], metadata={"sgm.scale_factor": repr(scale), "sgm.vae_training": json.dumps(record)}
+    )
     out.with_name(f"{out.stem}_training.json").write_text(json.dumps(record, indent=2))
     print(f"[vae] wrote {out}; latent scale factor {scale:.5f} (pass model.scale_factor={scale:.5f})", flush=True)
     return record

@@ -42,8 +42,15 @@ class SlurmCluster:
 
     def run(self, *command: str, timeout: float = 120, env: dict[str, str] | None = None):
         """Run a command against the cluster (SLURM_CONF set); returns the CompletedProcess."""
-        return subprocess.run(list(command), cwd=REPO, env={**self.env, **(env or {})}, capture_output=True,
-                              text=True, timeout=timeout, check=False)  # fmt: skip
+        return subprocess.run(
+            list(command),
+            cwd=REPO,
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
 
     def submit(self, overrides: list[str], job_root: Path, nodes: int = 1, name: str = "sgm") -> str:
         """slurm/submit.sh on CPU (GPUS_PER_NODE=0, one task per node); returns the job id."""
@@ -87,26 +94,38 @@ def job_overrides(shards: Path, max_steps: int, every: int, *extra: str) -> list
 # -- session fixtures (imported by the test modules: a tests/slurm/conftest.py would shadow tests/conftest.py,
 # which the other test files import as `conftest`) ---------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
     """A real cluster (slurm/local_cluster.sh: one controller, nodes n1 and n2 on 127.0.0.1) for the session;
     stops exactly its own daemons at the end; skips, saying why, where SLURM cannot be installed."""
     base = tmp_path_factory.mktemp("slurm_cluster")
     env = {**os.environ, "SGM_SLURM_NODES": "2", "SGM_SLURM_PORT": str(free_port_block(3))}
-    up = subprocess.run(["bash", str(CLUSTER_SCRIPT), "up", str(base)], env=env, capture_output=True, text=True,
-                        timeout=600, check=False)  # fmt: skip
+    up = subprocess.run(
+        ["bash", str(CLUSTER_SCRIPT), "up", str(base)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     if up.returncode == 3:
         pytest.skip(f"no SLURM cluster for these tests: {up.stderr.strip()}")
     try:
         assert up.returncode == 0, f"slurm/local_cluster.sh up failed:\n{up.stdout}\n{up.stderr}"
         client_env = {
-            **os.environ, "SLURM_CONF": str(base / "etc" / "slurm.conf"), "PYTHON": sys.executable,
-            "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1",
-        }  # fmt: skip
+            **os.environ,
+            "SLURM_CONF": str(base / "etc" / "slurm.conf"),
+            "PYTHON": sys.executable,
+            "HF_HUB_OFFLINE": "1",
+            "WANDB_MODE": "offline",
+            "PYTHONUNBUFFERED": "1",
+        }
         yield SlurmCluster(base, client_env)
     finally:
-        subprocess.run(["bash", str(CLUSTER_SCRIPT), "down", str(base)], env=env, capture_output=True, timeout=300,
-                       check=False)  # fmt: skip
+        subprocess.run(
+            ["bash", str(CLUSTER_SCRIPT), "down", str(base)], env=env, capture_output=True, timeout=300, check=False
+        )
 
 
 @pytest.fixture(scope="session")

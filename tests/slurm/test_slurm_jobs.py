@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from slurm_utils import REPO, job_overrides, slurm_cluster, slurm_shards  # noqa: F401 - session fixtures
+from slurm_utils import REPO, job_overrides
 from training_utils import loader_batch_keys
 
 from sgm.training.callbacks import read_batch_keys
@@ -70,12 +70,26 @@ def test_stages_chained_with_afterok_run_in_order(slurm_cluster, slurm_shards, t
     tests/test_training_stages.py)."""
     root, stages = tmp_path / "stages", STAGES[:2]
     overrides = [
-        "experiment=tiny_stages", f"data.shards={slurm_shards}/*.tar", f"demo_data.out={slurm_shards}", "threads=1",
-        "trainer.max_steps=2", "checkpoint.every_n_train_steps=2", "samples.at_train_end=false",
-    ]  # fmt: skip
+        "experiment=tiny_stages",
+        f"data.shards={slurm_shards}/*.tar",
+        f"demo_data.out={slurm_shards}",
+        "threads=1",
+        "trainer.max_steps=2",
+        "checkpoint.every_n_train_steps=2",
+        "samples.at_train_end=false",
+    ]
     env = {"NODES": "1", "GPUS_PER_NODE": "0", "SGM_JOB_ROOT": str(tmp_path / "logs")}
-    submitted = slurm_cluster.run(sys.executable, "slurm/submit_stages.py", "--root", str(root),
-                                  "--stages", ",".join(stages), "--", *overrides, env=env)  # fmt: skip
+    submitted = slurm_cluster.run(
+        sys.executable,
+        "slurm/submit_stages.py",
+        "--root",
+        str(root),
+        "--stages",
+        ",".join(stages),
+        "--",
+        *overrides,
+        env=env,
+    )
     assert submitted.returncode == 0, submitted.stderr
     jobs = [line.split() for line in submitted.stdout.splitlines()]
     assert [stage for stage, _ in jobs] == list(stages)
@@ -95,8 +109,15 @@ def test_stages_chained_with_afterok_run_in_order(slurm_cluster, slurm_shards, t
 
 def test_two_point_sweep_through_the_slurm_launcher(slurm_cluster, slurm_shards, tmp_path):
     run_dir = tmp_path / "sweep"
-    command = [sys.executable, str(REPO / "train.py"), "-m", "hydra/launcher=slurm", "module.lr=1e-4,3e-4",
-               f"run_dir={run_dir}", *job_overrides(slurm_shards, 2, 2)]  # fmt: skip
+    command = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "-m",
+        "hydra/launcher=slurm",
+        "module.lr=1e-4,3e-4",
+        f"run_dir={run_dir}",
+        *job_overrides(slurm_shards, 2, 2),
+    ]
     result = slurm_cluster.run(*command, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     submission = next((run_dir / "multirun" / ".submitit").glob(".submission_file_*.sh")).read_text()

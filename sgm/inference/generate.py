@@ -80,7 +80,9 @@ def generate_latents(
     denoiser = (denoiser or DiscreteDenoiser(EpsScaling())).to(device)
     negatives = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
     batch = micro_conditioning_batch(prompts, height, width, keys, aesthetic_score=aesthetic_score, **micro)
-    uc_batch = micro_conditioning_batch(negatives, height, width, keys, aesthetic_score=negative_aesthetic_score, **micro)
+    uc_batch = micro_conditioning_batch(
+        negatives, height, width, keys, aesthetic_score=negative_aesthetic_score, **micro
+    )
     # the size/crop/score tensors go where the conditioner runs (its text outputs are concatenated with theirs)
     cond_device = next((p.device for p in model.conditioner.parameters()), device)
     batch, uc_batch = (_to(b, cond_device) for b in (batch, uc_batch))

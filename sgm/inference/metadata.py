@@ -16,20 +16,29 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from sgm.checkpoint.io import atomic_write
-from sgm.sampling_checkpoints import SamplingModel
+from sgm.checkpoint.model_source import LoadedModel
 
 SAMPLER_NAMES = {"euler": "Euler EDM", "dpmpp2m": "DPM++ 2M"}
 SETTINGS_KEY = "sgm"
 
 
-def settings(args: Namespace, base: SamplingModel, refiner: SamplingModel | None, dtype: str) -> dict[str, Any]:
+def settings(args: Namespace, base: LoadedModel, refiner: LoadedModel | None, dtype: str) -> dict[str, Any]:
     """What every image of this run shares (the per-image prompt, seed and index are added later)."""
     size = [args.height, args.width]
-    out = {"negative_prompt": args.negative_prompt, "sampler": args.sampler, "steps": args.steps,
-           "guidance_scale": args.guidance, "height": args.height, "width": args.width,
-           "original_size_as_tuple": list(args.original_size or size),
-           "crop_coords_top_left": list(args.crop_top_left), "target_size_as_tuple": list(args.target_size or size),
-           "dtype": dtype, "base": base.info, "refiner": None}  # fmt: skip
+    out = {
+        "negative_prompt": args.negative_prompt,
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+        "height": args.height,
+        "width": args.width,
+        "original_size_as_tuple": list(args.original_size or size),
+        "crop_coords_top_left": list(args.crop_top_left),
+        "target_size_as_tuple": list(args.target_size or size),
+        "dtype": dtype,
+        "base": base.info,
+        "refiner": None,
+    }
     uses_aesthetic = any(m is not None and "aesthetic_score" in m.model.conditioner.input_keys for m in (base, refiner))
     if uses_aesthetic:
         out["aesthetic_score"], out["negative_aesthetic_score"] = args.aesthetic_score, args.negative_aesthetic_score
@@ -40,14 +49,25 @@ def settings(args: Namespace, base: SamplingModel, refiner: SamplingModel | None
 
 def parameters_text(meta: dict[str, Any]) -> str:
     """The readable summary (the "parameters" layout other SD tools show): prompt, negative, settings."""
-    fields = [("Steps", meta["steps"]), ("Sampler", SAMPLER_NAMES[meta["sampler"]]), ("CFG scale", meta["guidance_scale"]),
-              ("Seed", meta["seed"]), ("Size", f"{meta['width']}x{meta['height']}"),
-              ("Original size (h, w)", meta["original_size_as_tuple"]), ("Crop top-left", meta["crop_coords_top_left"]),
-              ("Target size (h, w)", meta["target_size_as_tuple"]), ("Model", meta["base"]["model"]),
-              ("Model hash", meta["base"]["sha256"][:10]), ("Weights", meta["base"]["weights"])]  # fmt: skip
+    fields = [
+        ("Steps", meta["steps"]),
+        ("Sampler", SAMPLER_NAMES[meta["sampler"]]),
+        ("CFG scale", meta["guidance_scale"]),
+        ("Seed", meta["seed"]),
+        ("Size", f"{meta['width']}x{meta['height']}"),
+        ("Original size (h, w)", meta["original_size_as_tuple"]),
+        ("Crop top-left", meta["crop_coords_top_left"]),
+        ("Target size (h, w)", meta["target_size_as_tuple"]),
+        ("Model", meta["base"]["model"]),
+        ("Model hash", meta["base"]["sha256"][:10]),
+        ("Weights", meta["base"]["weights"]),
+    ]
     if meta["refiner"]:
-        fields += [("Refiner", meta["refiner"]["model"]), ("Refiner hash", meta["refiner"]["sha256"][:10]),
-                   ("Refiner strength", meta["refiner"]["strength"])]  # fmt: skip
+        fields += [
+            ("Refiner", meta["refiner"]["model"]),
+            ("Refiner hash", meta["refiner"]["sha256"][:10]),
+            ("Refiner strength", meta["refiner"]["strength"]),
+        ]
     if "aesthetic_score" in meta:
         fields += [
             ("Aesthetic score", meta["aesthetic_score"]),

@@ -29,6 +29,16 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 REFERENCE_DIR = Path(__file__).parent / "reference"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests: on the shared 2-core machine two threads contend and run
+    many times slower (use with pytestmark = pytest.mark.usefixtures("one_thread"))."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def read_reference_layout(name: str) -> dict[str, tuple[int, ...]]:
     """Official key -> shape from tests/reference/<name>_keys.tsv (copied from the released files)."""
     layout = {}

@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import load_file
 from training_utils import compose_train, fast_overrides, make_shards
 
 from sgm.checkpoint.fingerprints import part_fingerprints
-from sgm.checkpoint.io import load_checkpoint, read_metadata, save_checkpoint
+from sgm.checkpoint.io import load_checkpoint, read_layout, read_metadata, save_checkpoint
 from sgm.checkpoint.lineage import FROZEN_FILE, read_lineage
 from sgm.checkpoint.model_source import ModelSourceError, load_model
 from sgm.checkpoint.official_layout import V_PRED_KEY, to_official
@@ -31,13 +30,7 @@ from sgm.training.run import run
 PROMPT = "a red heart"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: two threads contend on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def train(folder: Path, name: str, *extra: str) -> Path:
@@ -171,12 +164,10 @@ def test_a_checkpoint_outside_its_run_loads_only_what_it_holds(runs, tmp_path):
 
 def test_a_v_prediction_run_exports_the_marker_and_loads_back_as_v_prediction(runs, tmp_path):
     exported = runs["vpred"] / "vpred_full.safetensors"
-    with safe_open(str(exported), framework="pt") as handle:
-        assert V_PRED_KEY in handle
+    assert V_PRED_KEY in read_layout(exported)
     assert read_metadata(exported)["modelspec.prediction_type"] == "v"
     assert load_model(exported).prediction == "v" and load_model(runs["vpred"]).prediction == "v"
     load_checkpoint(build_model("tiny"), exported)  # the project's own loader accepts the marker
     eps = runs["scratch"] / "scratch_full.safetensors"
-    with safe_open(str(eps), framework="pt") as handle:
-        assert V_PRED_KEY not in handle
+    assert V_PRED_KEY not in read_layout(eps)
     assert load_model(eps).prediction == "eps" and read_metadata(eps)["modelspec.prediction_type"] == "epsilon"

@@ -113,7 +113,7 @@ def read_layout(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str
     path = _existing(path)
     layout = {}
     with safe_open(str(path), framework="pt") as handle:
-        for key in handle:
+        for key in handle.keys():  # noqa: SIM118 - a safetensors handle is not iterable
             tensor_slice = handle.get_slice(key)
             layout[key] = (tuple(tensor_slice.get_shape()), tensor_slice.get_dtype())
     return layout

@@ -299,6 +299,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     from sgm.checkpoint.io import CheckpointMismatchError
     from sgm.checkpoint.lineage import LineageError
+    from sgm.checkpoint.model_source import ModelSourceError
     from sgm.checkpoint.training_ckpt import TrainingCheckpointError
     from sgm.training.module import NonFiniteLossError
 
@@ -306,6 +307,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         ConfigError,
         CheckpointMismatchError,
         LineageError,
+        ModelSourceError,
         TrainingCheckpointError,
         NonFiniteLossError,
         MisconfigurationException,

@@ -8,8 +8,8 @@
 Parts: `unet`, and `text_encoder_<i>` for each conditioner embedder `i` with weights (SDXL base:
 0 = CLIP ViT-L, 1 = OpenCLIP ViT-bigG; the refiner: 0 = bigG). The VAE does not train here
 (`sgm.training.vae_training` does). Every other part is frozen: eval mode, no grads, not in the
-optimizer, the EMA or the training checkpoint (it is rebuilt from the model config and its pretrained
-file on resume and export). The optimizer takes one parameter group per part; the EMA averages
+optimizer, the EMA or the training checkpoint (on resume and every later load it comes from the source
+the run recorded, sgm/checkpoint/lineage.py). The optimizer takes one parameter group per part; the EMA averages
 `named_parameters`; the checkpoint keeps `state_prefixes`; each checkpoint records `names`.
 
 Not settled yet (the text-encoder issue): under DDP, text-encoder layers whose outputs SDXL does

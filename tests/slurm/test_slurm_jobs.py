@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from slurm_utils import REPO, job_overrides
+from slurm_utils import REPO, job_overrides, slurm_cluster, slurm_shards  # noqa: F401 - session fixtures
 from training_utils import loader_batch_keys
 
 from sgm.training.callbacks import read_batch_keys

@@ -43,3 +43,18 @@ def test_unknown_config_exits_with_a_message():
     )
     assert result.returncode == 2
     assert "unknown model config 'sdxl_huge'" in result.stderr and "sdxl_base" in result.stderr
+
+
+def test_a_reader_that_stops_early_ends_the_listing_quietly():
+    """`python -m sgm.inspect sdxl_refiner --keys | head -1`: the pipe closes early; no BrokenPipeError."""
+    listing = subprocess.Popen(
+        [sys.executable, "-m", "sgm.inspect", "sdxl_refiner", "--keys"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
+    )
+    first = listing.stdout.readline()
+    listing.stdout.close()  # what head does after its line
+    _, errors = listing.communicate(timeout=120)
+    assert first.startswith(b"model.diffusion_model.") or first.startswith(b"conditioner.")
+    assert listing.returncode == 0 and b"Traceback" not in errors and b"BrokenPipe" not in errors

@@ -101,7 +101,7 @@ def test_refiner_shares_the_base_latent_space_and_text_tower(pipeline):
     refiner = read_lineage(root / "refiner")
     assert refiner["parent"]["parts"] == ["text_encoders", "vae"]
     assert refiner["weights_at_start"]["vae"] == base["vae"]  # the VAE the first stage trained with
-    assert refiner["weights_at_start"]["text_encoders.0"] == base["text_encoders.1"]  # bigG
+    assert refiner["weights_at_start"]["text_encoder_0"] == base["text_encoder_1"]  # bigG
     base_file = load_file(final_weights("multiaspect_1024", root))
     refiner_file = load_file(final_weights("refiner", root))
     vae_keys = [k for k in base_file if k.startswith(VAE)]
@@ -213,9 +213,7 @@ def test_a_refiner_takes_the_vae_and_bigg_tower_of_a_base_file(official_files):
     unet_before = part_fingerprints(refiner)["unet"]
     load_pretrained(refiner, base_file, ["text_encoders", "vae"])
     got, want = part_fingerprints(refiner), part_fingerprints(base)
-    assert (
-        got["vae"] == want["vae"] and got["text_encoders.0"] == want["text_encoders.1"] and got["unet"] == unet_before
-    )
+    assert got["vae"] == want["vae"] and got["text_encoder_0"] == want["text_encoder_1"] and got["unet"] == unet_before
 
 
 def test_resume_keeps_the_lineage_and_refuses_a_changed_parent(official_files, tmp_path):

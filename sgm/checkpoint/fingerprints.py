@@ -24,28 +24,29 @@ def tensors_sha256(state: Mapping[str, Tensor]) -> str:
 
 
 def weight_group(key: str) -> str | None:
-    """The group a model-relative key belongs to: "unet", "vae" or "text_encoders.<i>" (one per tower)."""
+    """The group a model-relative key belongs to: "unet", "vae" or "text_encoder_<i>" (one per tower, conditioner
+    embedder i; the names module.trainable uses)."""
     if key.startswith("unet."):
         return "unet"
     if key.startswith("vae."):
         return "vae"
     if key.startswith("conditioner.embedders."):
         index = key.split(".")[2]
-        return f"text_encoders.{index}" if index.isdigit() else None
+        return f"text_encoder_{index}" if index.isdigit() else None
     return None
 
 
 def group_states(model: nn.Module) -> dict[str, dict[str, Tensor]]:
-    """Each weight group's module state: "unet", "vae", "text_encoders.<i>" per tower with weights."""
+    """Each weight group's module state: "unet", "vae", "text_encoder_<i>" per tower with weights."""
     groups = {"unet": model.unet.state_dict(), "vae": model.vae.state_dict()}
     for index, module in enumerate(model.conditioner.embedders):
         if module.state_dict():
-            groups[f"text_encoders.{index}"] = module.state_dict()
+            groups[f"text_encoder_{index}"] = module.state_dict()
     return groups
 
 
 def part_fingerprints(model: nn.Module) -> dict[str, str]:
-    """sha256 of each weight group's current weights ("unet", "vae", "text_encoders.<i>")."""
+    """sha256 of each weight group's current weights ("unet", "vae", "text_encoder_<i>")."""
     return {name: tensors_sha256(state) for name, state in group_states(model).items()}
 
 

@@ -4,7 +4,7 @@ Written once when a run starts afresh, extended on every resume, read by every l
 (`sgm.checkpoint.model_source.load_model`) and by the resume itself:
 
 - `parent`: the `pretrained` file (path, sha256, the parts loaded from it, its metadata), or null;
-- `weights_at_start`: a sha256 per weight group ("unet", "vae", "text_encoders.<i>") as the run started;
+- `weights_at_start`: a sha256 per weight group ("unet", "vae", "text_encoder_<i>") as the run started;
 - `trained`: the groups the run trains (they live in its training checkpoints);
 - `frozen`: where each group that does not train comes from: `{"source": "pretrained"}` (the parent
   file) or `{"source": "frozen_parts.safetensors", "seed": N}` (initialised from the config under seed N
@@ -53,8 +53,8 @@ def read_lineage(run_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def part_of_group(group: str) -> str:
-    """The official part a weight group belongs to ("text_encoders.1" -> "text_encoders")."""
-    return group.split(".")[0]
+    """The official part a weight group belongs to ("text_encoder_1" -> "text_encoders")."""
+    return "text_encoders" if group.startswith("text_encoder_") else group
 
 
 def official_group(key: str) -> str | None:
@@ -64,7 +64,7 @@ def official_group(key: str) -> str | None:
     if key.startswith(VAE_PREFIX):
         return "vae"
     if key.startswith(EMBEDDER_PREFIX):
-        return f"text_encoders.{key[len(EMBEDDER_PREFIX) :].split('.')[0]}"
+        return f"text_encoder_{key[len(EMBEDDER_PREFIX) :].split('.')[0]}"
     return None
 
 
@@ -175,7 +175,7 @@ def load_groups(model: nn.Module, tensors: Mapping[str, Tensor], groups: Iterabl
     for group in groups:
         part = part_of_group(group)
         if part == "text_encoders":
-            index = int(group.split(".")[1])
+            index = int(group.removeprefix("text_encoder_"))
             module = model.conditioner.embedders[index]
             own = split["text_encoders"].get(index, {})
             module.load_state_dict(module.from_official(own) if hasattr(module, "from_official") else own, strict=True)

@@ -16,9 +16,9 @@ from torch import Tensor
 
 from sgm.parallel import is_sharded_checkpoint, read_training_checkpoint
 
-MODEL_PREFIX = "model."
-EMA_PREFIX = "ema.model."
-LEGACY_EMA_PREFIX = "ema.shadow."  # the UNet-only EMA of earlier checkpoints
+MODEL_PREFIX = "model."  # where the training module holds the SDXL model
+EMA_PREFIX = "ema."  # the EMA of a trained weight: "ema." + its module key
+LEGACY_EMA_PREFIX = "ema.shadow."  # earlier checkpoints: the UNet-only EMA, "ema.shadow.<unet key>"
 WEIGHTS = ("ema", "raw")
 
 
@@ -43,6 +43,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return checkpoint
 
 
+def upgrade_legacy_ema(state: dict[str, Any]) -> dict[str, Any]:
+    """A state dict with an earlier checkpoint's "ema.shadow.<unet key>" entries under "ema.model.unet.<key>"."""
+    return {
+        f"{EMA_PREFIX}{MODEL_PREFIX}unet.{k[len(LEGACY_EMA_PREFIX) :]}" if k.startswith(LEGACY_EMA_PREFIX) else k: v
+        for k, v in state.items()
+    }
+
+
 def trained_weights(checkpoint: dict[str, Any], weights: str = "ema") -> tuple[dict[str, Tensor], str]:
     """Model-relative keys ("unet.x") -> tensors of the groups the run trained, and which weights they are.
 
@@ -56,8 +64,8 @@ def trained_weights(checkpoint: dict[str, Any], weights: str = "ema") -> tuple[d
         raise TrainingCheckpointError(
             "the checkpoint holds no 'model.*' weights; is it a training checkpoint of this project?"
         )
-    ema = {k[len(EMA_PREFIX) :]: v for k, v in state.items() if k.startswith(EMA_PREFIX)}
-    ema.update({"unet." + k[len(LEGACY_EMA_PREFIX) :]: v for k, v in state.items() if k.startswith(LEGACY_EMA_PREFIX)})
+    averaged = EMA_PREFIX + MODEL_PREFIX
+    ema = {k[len(averaged) :]: v for k, v in upgrade_legacy_ema(state).items() if k.startswith(averaged)}
     if weights == "ema" and ema:
         return {**raw, **{k: v for k, v in ema.items() if k in raw}}, "ema"
     return raw, "raw"

@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from sgm.checkpoint.training_ckpt import EMA_PREFIX, MODEL_PREFIX, upgrade_legacy_ema
 from sgm.diffusion.denoiser import DiscreteDenoiser
 from sgm.diffusion.loss import DiffusionLoss
 from sgm.models.conditioner import CACHED_EMBEDDINGS
@@ -28,8 +29,6 @@ from sgm.training.optim import build_optimizer, check_optimizer_name
 from sgm.training.trainable import TrainableSet
 
 BATCH_META_KEYS = ("__key__", "__url__")
-EMA_PREFIX = "ema."
-LEGACY_EMA_PREFIX = "shadow."  # older checkpoints: `ema.shadow.<unet key>`, the EMA of the UNet alone
 
 
 class NonFiniteLossError(RuntimeError):
@@ -122,15 +121,11 @@ class SDXLTrainingModule(pl.LightningModule):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """A training checkpoint: frozen parts may be absent (this module has them from its config); the
         EMA is restored, started from the loaded weights when the checkpoint has none, or ignored when off."""
-        state = dict(state_dict)
+        state = upgrade_legacy_ema(dict(state_dict))
         ema_state = {k.removeprefix(EMA_PREFIX): state.pop(k) for k in list(state) if k.startswith(EMA_PREFIX)}
-        ema_state = {
-            f"model.unet.{k.removeprefix(LEGACY_EMA_PREFIX)}" if k.startswith(LEGACY_EMA_PREFIX) else k: v
-            for k, v in ema_state.items()
-        }
         result = super().load_state_dict(state, strict=False, assign=assign)
         kept = self.trainable.state_prefixes(self.model)
-        missing = [k for k in result.missing_keys if not k.startswith("model.") or k.startswith(kept)]
+        missing = [k for k in result.missing_keys if not k.startswith(MODEL_PREFIX) or k.startswith(kept)]
         if strict and (missing or result.unexpected_keys):
             raise RuntimeError(
                 f"the checkpoint does not fit this model: {len(missing)} missing keys {missing[:3]}, "

@@ -30,11 +30,11 @@ from typing import Any
 
 from torch import nn
 
+from sgm.checkpoint.training_ckpt import MODEL_PREFIX
 from sgm.models.sdxl import SDXL
 
 UNET = "unet"
 TEXT_ENCODER = re.compile(r"text_encoder_(\d+)")
-MODEL_PREFIX = "model."  # where the LightningModule holds the SDXL model
 
 
 @dataclass(frozen=True)

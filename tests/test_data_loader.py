@@ -270,6 +270,8 @@ def bad_shards(root: Path) -> tuple[list[str], set[str]]:
         ("bomb", png_header(50_000, 50_000)),
     ]:
         members += [(f"{key}.jpg", image), (f"{key}.txt", b"x")]
+    zero_size = b'{"original_width": 0, "original_height": 0}'  # the image's defect is counted, not the json's
+    members += [("emptyzero.jpg", b""), ("emptyzero.txt", b"x"), ("emptyzero.json", zero_size)]
     members += [("nocap.jpg", jpg), ("nocap.json", b"{}")]
     members += [("badjson.jpg", jpg), ("badjson.txt", b"x"), ("badjson.json", b"{not json")]
     members += [("noimage.txt", b"x"), ("noimage.json", b"{}")]
@@ -298,7 +300,7 @@ def png_header(width: int, height: int) -> bytes:
 
 
 PLANTED = {
-    "empty_file": 1,
+    "empty_file": 2,
     "corrupt_image": 1,
     "unknown_format": 1,
     "too_many_pixels": 1,

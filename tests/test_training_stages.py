@@ -114,7 +114,7 @@ def test_refiner_shares_the_base_latent_space_and_text_tower(pipeline):
     assert multiaspect["module"]["loss"]["offset_noise_level"] == 0.05 and multiaspect["data"]["base_resolution"]
 
 
-def test_rerun_skips_finished_stages_and_a_resumed_stage_keeps_its_lineage(pipeline, capsys):
+def test_rerun_skips_finished_stages_and_a_resumed_stage_keeps_its_lineage(pipeline, capsys, caplog):
     root, extra, _ = pipeline
     before = {stage: final_weights(stage, root).stat().st_mtime_ns for stage in STAGES}
     assert main(["--root", str(root), *extra]) == 0  # in-process: it must not start any training (sgm.train)
@@ -125,7 +125,7 @@ def test_rerun_skips_finished_stages_and_a_resumed_stage_keeps_its_lineage(pipel
     original = read_lineage(root / "refiner")
     # train.py's run, in-process; CSV logs, so that no wandb run starts inside pytest
     run(compose_train(stage_overrides("refiner", root, [*extra, "trainer.max_steps=4", "logger=csv"])))
-    assert "resuming from" in capsys.readouterr().out
+    assert "resuming from" in capsys.readouterr().out + caplog.text  # the "sgm" logger (pytest captures it)
     lineage = read_lineage(root / "refiner")
     assert {k: v for k, v in lineage.items() if k != "resumes"} == {k: v for k, v in original.items() if k != "resumes"}
     assert [r["checkpoint"] for r in lineage["resumes"]] == [str(root / "refiner" / "checkpoints" / "last.ckpt")]

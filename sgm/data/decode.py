@@ -7,7 +7,9 @@ image or a `BadSample` whose `reason` is one short word from `BAD_SAMPLE_REASONS
 can skip the sample and count it (`BadSampleCounter`) instead of crashing or training on garbage.
 
 Size convention: the returned image is EXIF-transposed, so its (h, w) is the image as a viewer
-sees it; that is what SDXL's `original_size_as_tuple` records.
+sees it; that is what SDXL's `original_size_as_tuple` records. `decode_image_oriented` also says
+whether orientation 5-8 turned the image by 90 degrees, so a size recorded for the stored
+(pre-EXIF) pixels, as img2dataset's json records it, can be turned upright too (samples.py).
 
 Conversion rules (the why of each is in `_to_rgb`):
 - alpha (RGBA, LA, PA, premultiplied RGBa/La, palette or RGB/L with a `transparency` key) is
@@ -42,6 +44,7 @@ BAD_SAMPLE_REASONS: tuple[str, ...] = (
 )
 
 _EXIF_ORIENTATION = 0x0112
+_QUARTER_TURNS = (5, 6, 7, 8)  # transpose, rotate 270, transverse, rotate 90: height and width swap
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _PIL_RGB_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
 _WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
@@ -73,6 +76,15 @@ def decode_image(
     applies (no global state is changed here), so `max_pixels` above 2 * PIL.Image.MAX_IMAGE_PIXELS
     (178,956,970 by default) cannot admit more. Only BadSample leaves this function for bad data.
     """
+    return decode_image_oriented(data, background, max_pixels)[0]
+
+
+def decode_image_oriented(
+    data: bytes,
+    background: tuple[int, int, int] = (255, 255, 255),
+    max_pixels: int | None = 178_956_970,
+) -> tuple[Image.Image, bool]:
+    """`decode_image`, plus whether EXIF orientation 5-8 swapped the stored height and width."""
     if len(background) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in background):
         raise ValueError(f"background must be three ints in 0..255 (an RGB colour), got {background!r}")
     if not data:
@@ -82,9 +94,9 @@ def decode_image(
         # turned into BadSample below or harmless; none should reach the training log per sample.
         warnings.simplefilter("ignore")
         image = _open_checked(data, max_pixels)
-        image = _apply_exif_orientation(image)
+        image, orientation = _apply_exif_orientation(image)
         try:
-            return _to_rgb(image, background)
+            return _to_rgb(image, background), orientation in _QUARTER_TURNS
         except BadSample:
             raise
         except Exception as error:
@@ -130,16 +142,19 @@ def _webp_is_short(data: bytes) -> bool:
     return len(data) < int.from_bytes(data[4:8], "little") + 8
 
 
-def _apply_exif_orientation(image: Image.Image) -> Image.Image:
-    """Rotate/mirror the pixels as EXIF orientation 2..8 says, so (h, w) is what a viewer sees."""
+def _apply_exif_orientation(image: Image.Image) -> tuple[Image.Image, int]:
+    """Rotate/mirror the pixels as EXIF orientation 2..8 says, so (h, w) is what a viewer sees.
+
+    Returns the image and the orientation applied (1 when none was, e.g. unreadable EXIF).
+    """
     try:
         orientation = image.getexif().get(_EXIF_ORIENTATION)
     except Exception:
-        return image
+        return image, 1
     if orientation not in (2, 3, 4, 5, 6, 7, 8):
-        return image
+        return image, 1
     try:
-        return ImageOps.exif_transpose(image)
+        return ImageOps.exif_transpose(image), orientation
     except Exception as error:
         raise BadSample("corrupt_exif", f"orientation {orientation}: {type(error).__name__}: {error}") from error
 

@@ -55,7 +55,9 @@ from sgm.data.shard_list import expand_shards
 from sgm.data.stream import SlotStream, StreamConfig
 from sgm.models.sdxl import SDXL
 
-CACHE_FORMAT = 1
+# 2: originals of EXIF orientation 5-8 photos are upright (h, w); a format-1 folder may hold them
+# swapped, so resuming into one is refused (the recorded format differs).
+CACHE_FORMAT = 2
 LATENT_MODES, VAE_DTYPES, STORAGE_DTYPES = ("sample", "mean"), ("float32", "bfloat16"), ("float16", "float32")
 
 

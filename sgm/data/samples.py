@@ -31,7 +31,7 @@ import torch
 
 from sgm.data.buckets import assign_bucket
 from sgm.data.crop import CROP_MODES, CroppedSample, resize_and_crop
-from sgm.data.decode import BadSample, decode_image
+from sgm.data.decode import BadSample, decode_image_oriented
 from sgm.data.shard_list import LOADER_BAD_REASONS, LoaderBadCounter
 
 Position = tuple[int, int, int]  # (epoch, shard index in the shard list, sample offset in the shard)
@@ -97,8 +97,15 @@ def positive_int(value: Any) -> int | None:
     return int(value) if value == int(value) and value > 0 else None
 
 
-def json_original_size(meta: dict[str, Any] | None) -> tuple[int, int] | None:
-    """(original_height, original_width) from img2dataset's json; None when not given."""
+def json_original_size(meta: dict[str, Any] | None, quarter_turned: bool = False) -> tuple[int, int] | None:
+    """(original_height, original_width) from img2dataset's json, upright; None when not given.
+
+    The json's size describes the STORED pixels, before EXIF orientation (img2dataset measures
+    with OpenCV's IMREAD_UNCHANGED, which ignores EXIF; our shard tool records the same). When
+    decoding turned the image by 90 degrees (EXIF orientation 5-8, `quarter_turned`), the size is
+    swapped so it is the upright (h, w) a viewer sees, like the decoded image. Re-encoded
+    img2dataset images carry no EXIF, so their stored size already is upright and is kept.
+    """
     if meta is None:
         return None
     height, width = meta.get("original_height"), meta.get("original_width")
@@ -107,7 +114,7 @@ def json_original_size(meta: dict[str, Any] | None) -> tuple[int, int] | None:
     size = (positive_int(height), positive_int(width))
     if None in size:
         raise Skip("bad_json")
-    return size  # type: ignore[return-value]
+    return size[::-1] if quarter_turned else size  # type: ignore[return-value]
 
 
 def aesthetic_score(meta: dict[str, Any] | None, default: float | None) -> float | None:
@@ -139,8 +146,10 @@ class ImageProcessor:
     """Decode, bucket by aspect ratio, resize to cover, crop (maybe flip), record micro-conditioning.
 
     Image from the first of jpg/jpeg/png/webp, caption from txt, original size from the json's
-    (original_height, original_width) when present (img2dataset stores resized copies), else the
-    decoded size. The bucket is chosen by the DECODED aspect ratio (`bucket_by`), since that is the
+    (original_height, original_width) when present (img2dataset stores resized copies), turned
+    upright when EXIF orientation 5-8 rotated the pixels (`json_original_size`), else the decoded
+    size. The image is decoded before the json's size is read, so an unusable image is counted by
+    its own reason (e.g. `empty_file`) even when its json is bad too. The bucket is chosen by the DECODED aspect ratio (`bucket_by`), since that is the
     image that gets cropped; the optional `min_size` filter tests the recorded original size.
     """
 
@@ -201,14 +210,13 @@ class ImageProcessor:
             caption = raw["txt"].decode("utf-8").strip()
         except UnicodeDecodeError:
             raise Skip("bad_caption") from None
-        meta = read_json(raw.get("json"))
-        original = json_original_size(meta)
         try:
-            image = decode_image(raw[image_key], max_pixels=self.max_pixels)
+            image, quarter_turned = decode_image_oriented(raw[image_key], max_pixels=self.max_pixels)
         except BadSample as bad:
             raise Skip(bad.reason) from None
+        meta = read_json(raw.get("json"))
         decoded = (image.height, image.width)
-        original = original or decoded
+        original = json_original_size(meta, quarter_turned) or decoded
         if self.min_size is not None and min(original) < self.min_size:
             raise Skip("too_small")
         bucket = assign_bucket(*(decoded if self.bucket_by == "decoded" else original), self.buckets)

@@ -2,8 +2,10 @@
 
 A shard is a tar of samples `<key>.<jpg|png|webp>` (the source file's bytes, never re-encoded),
 `<key>.json` ({"key", "original_width", "original_height", "caption", "source_path", ...}) and
-`<key>.txt` (the caption). Each shard is written to `NNNNN.tar.tmp` and renamed when complete, so
-a crash never leaves a partial shard under a final name. Keys follow img2dataset:
+`<key>.txt` (the caption). Sizes are the stored pixels' (before EXIF orientation), as img2dataset
+records them; the loader turns them upright (sources.py, samples.json_original_size). Each shard
+is written to `NNNNN.tar.tmp` and renamed when complete, so a crash never leaves a partial shard
+under a final name. Keys follow img2dataset:
 `f"{shard:05d}{index:0{N}d}"` with N = max(4, digits of samples_per_shard - 1), so keys are unique
 across shards and sort in write order. Bad inputs never stop a build: they are skipped and
 counted by reason (`SKIP_REASONS`), with a few example paths per reason.

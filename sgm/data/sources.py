@@ -2,6 +2,13 @@
 
 Also probes image bytes (real format, size, EXIF orientation) without re-encoding them. Inputs
 that cannot become a sample raise `SkipSample(reason)`; the shard writer counts them.
+
+Size convention (img2dataset's, so our shards and its shards read alike): `original_width` /
+`original_height` are the STORED pixels' size, before EXIF orientation; a JPEG/WebP whose EXIF
+orientation is not 1 also gets `exif_orientation` in its json, for people and tools reading it.
+The loader does not need that field: it swaps the size itself whenever decoding turned the image
+by 90 degrees (orientation 5-8; see samples.json_original_size), so one rule covers shards written
+before and after that fix and img2dataset's (re-encoded ones carry no EXIF and are already upright).
 """
 
 from __future__ import annotations
@@ -23,7 +30,17 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp",
 PIL_FORMAT_TO_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 # Json fields the shard writer owns; sidecar or manifest columns never override them.
 RESERVED_FIELDS = frozenset(
-    {"key", "status", "caption", "source_path", "original_width", "original_height", "width", "height"}
+    {
+        "key",
+        "status",
+        "caption",
+        "source_path",
+        "original_width",
+        "original_height",
+        "width",
+        "height",
+        "exif_orientation",
+    }
 )
 
 
@@ -104,7 +121,7 @@ def load_item(item: SourceItem, full_decode: bool = False) -> tuple[bytes, str, 
         raise SkipSample("unreadable", str(error)) from None
     ext, width, height, orientation = probe_image(data, full_decode)
     fields = {**item.extra, "source_path": item.source_path, "caption": caption}
-    if orientation != 1:  # sizes stay as stored (like img2dataset); the loader rotates
+    if orientation != 1:  # sizes stay as stored (like img2dataset); the loader turns them upright
         fields["exif_orientation"] = orientation
     return data, ext, width, height, fields
 

@@ -13,7 +13,7 @@ What "process" does is a strategy (samples.SampleProcessor): by default the imag
   as each new one arrives. Its bit_generator.state is plain JSON.
 - Decode: image from the first of jpg/jpeg/png/webp, caption from txt, original size from the
   json's (original_height, original_width) when present (img2dataset stores resized copies),
-  else the decoded size. The bucket is chosen by the DECODED aspect ratio (`bucket_by`), since
+  swapped to upright when EXIF orientation 5-8 turned the pixels, else the decoded size. The bucket is chosen by the DECODED aspect ratio (`bucket_by`), since
   that is the image that gets cropped; with img2dataset's keep-ratio resize both agree. The
   optional `min_size` filter tests the recorded original size (the resolution the photo had).
   Resize and crop draw from an RNG seeded by (seed, epoch, shard, offset), so re-processing a

@@ -110,9 +110,21 @@ def console_logging() -> None:
     if LOGGER.level == logging.NOTSET:
         LOGGER.setLevel(logging.INFO)
     if not LOGGER.hasHandlers():
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _CurrentStdout()
         handler.setFormatter(logging.Formatter(CONSOLE_FORMAT))
         LOGGER.addHandler(handler)
+
+
+class _CurrentStdout(logging.StreamHandler):
+    """Writes to sys.stdout as it is when a line is logged (callers and pytest swap it), not as it was."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass  # StreamHandler.__init__ assigns one; the current sys.stdout is always used
 
 
 def attach_log_file(path: Path) -> logging.Handler | None:

@@ -126,7 +126,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[pl.Callb
         trainer_kwargs["strategy"] = instantiate(trainer_kwargs["strategy"], _convert_="all")
     sharded = not plan_for(trainer_kwargs.get("strategy")).samples_on_rank_zero  # samples run on rank 0 alone
     if sharded and rank_zero_only.rank == 0:
-        print("[sgm] ZeRO-3: no validation samples during training; sample from the exported file", flush=True)
+        LOGGER.info("ZeRO-3: no validation samples during training; sample from the exported file")
     return pl.Trainer(
         default_root_dir=str(run_dir),
         logger=logger,
@@ -199,7 +199,7 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> di
             trained=trained_groups(module.state_dict()),
         )
         if ckpt_path:
-            print(f"[sgm] resuming from {ckpt_path}", flush=True)
+            LOGGER.info(f"resuming from {ckpt_path}")
     try:
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -271,6 +271,6 @@ def finish(cfg: DictConfig, trainer: pl.Trainer, run_dir: Path) -> dict[str, str
         outputs["images_per_second_median"] = f"{rates[len(rates) // 2]:.1f}"
     outputs["global_step"] = str(trainer.global_step)
     (run_dir / "outputs.json").write_text(json.dumps(outputs, indent=2))
-    for key, value in outputs.items():
-        print(f"[sgm] {key}: {value}", flush=True)
+    for key, value in outputs.items():  # through the "sgm" logger: the console and train.log
+        LOGGER.info(f"{key}: {value}")
     return outputs

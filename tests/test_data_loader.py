@@ -24,7 +24,7 @@ from PIL import Image
 from sgm.data.buckets import bucket_table
 from sgm.data.crop import covering_size
 from sgm.data.decode import decode_image
-from sgm.data.loader import BucketedLoader
+from sgm.data.loader import BucketedLoader, TooManyBadSamples
 from sgm.data.shard_list import expand_shards, iter_shard, local_tar_path, num_slots_for, slot_shards
 from sgm.data.stream import SlotStream, StreamConfig
 
@@ -351,11 +351,84 @@ def test_all_bad_endless_data_raises_instead_of_hanging(tmp_path: Path) -> None:
     loader = BucketedLoader(shard, batch_size=2, square_size=32, heartbeat_every=4, min_seen_for_check=10)
     signal.alarm(60)  # a hang fails the test instead of the whole run
     try:
-        # heartbeats come after 4, 8 and 12 samples; the first with seen >= 10 stops the run
-        with pytest.raises(RuntimeError, match=r"12 of 12 samples .*\(missing_caption=12\)"):
+        # each of the 6 samples counts once; the heartbeat after the whole first pass stops the run
+        with pytest.raises(TooManyBadSamples, match=r"6 of 6 samples .*\(missing_caption=6\)"):
             next(iter(loader))
     finally:
         signal.alarm(0)
+
+
+def tiny_hostile_shards(root: Path) -> list[str]:
+    """2 shards x 4 samples: one with a corrupt JPEG and a missing caption, one cut inside its third
+    sample (2 readable). 4 good samples, 3 bad things, all smaller than the default shuffle buffer."""
+    jpg = image_bytes(32, 32, seed=9)
+    first = [m for i in range(2) for m in sample_members(f"a{i}", 32, 32, seed=i)]
+    first += [("corrupt.jpg", jpg[:300] + bytes(500) + jpg[800:]), ("corrupt.txt", b"x")]
+    first += [("nocap.jpg", jpg), ("nocap.json", b"{}")]
+    whole = write_shard(root / "whole.tar", [m for i in range(4) for m in sample_members(f"b{i}", 32, 32, seed=i)])
+    data = Path(whole).read_bytes()
+    (root / "b.tar").write_bytes(data[: data.index(b"b2.jpg") + 512 + 100])
+    Path(whole).unlink()
+    return [write_shard(root / "a.tar", first), str(root / "b.tar")]
+
+
+TINY_BAD = {"corrupt_image": 1, "missing_caption": 1, "truncated_tar": 1}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_each_bad_sample_counts_once_however_often_a_tiny_dataset_is_read(tmp_path: Path, workers: int) -> None:
+    shards = tiny_hostile_shards(tmp_path)
+    loader = BucketedLoader(shards, batch_size=2, square_size=32, num_workers=workers, max_bad_fraction=1.0)
+    batches = [batch["__key__"] for _, batch in zip(range(40), loader)]  # 80 samples: 20 passes of the 4 good
+    assert loader.bad_counts() == TINY_BAD
+    assert loader.samples_seen() == 4 + 2 + 1  # distinct samples read (good or bad) + the cut shard
+    assert Counter(key for keys in batches for key in keys).keys() == {"a0", "a1", "b0", "b1"}
+    if workers == 0:  # one slot sees all 4: never a sample twice in a batch
+        assert all(len(set(keys)) == len(keys) for keys in batches)
+    one = BucketedLoader(shards[1], batch_size=2, square_size=32, num_workers=2, max_bad_fraction=1.0)
+    list(zip(range(10), one))  # 1 shard, 2 slots: both read it, one counts its cut
+    assert one.bad_counts() == {"truncated_tar": 1}
+
+
+def test_bad_fraction_stops_a_tiny_dataset_within_its_first_pass(tmp_path: Path) -> None:
+    loader = BucketedLoader(tiny_hostile_shards(tmp_path), batch_size=2, square_size=32)  # every default
+    trained = 0
+    with pytest.raises(TooManyBadSamples) as info:
+        for _ in loader:
+            trained += 1
+    assert trained <= 3  # the 4 good samples make 2 batches a pass; the stop comes with the first pass
+    message = str(info.value)
+    assert message.startswith("3 of 7 samples (42.9%) could not be used (corrupt_image=1, missing_caption=1,")
+    assert "truncated_tar=1), more than data.max_bad_fraction=0.01" in message
+    assert "raise data.max_bad_fraction" in message
+
+
+def test_gross_excess_stops_from_100_samples_and_noise_below_the_limit_does_not(tmp_path: Path) -> None:
+    def shard(name: str, bad: int) -> str:
+        members = []
+        for i in range(300):  # every 300 // bad-th sample lacks its caption
+            keep = bad == 0 or i % (300 // bad) != 0
+            members += [m for m in sample_members(f"k{i}", 32, 32, seed=i) if keep or not m[0].endswith(".txt")]
+        return write_shard(tmp_path / name, members)
+
+    grossly_bad = BucketedLoader(shard("bad.tar", 30), batch_size=4, square_size=32)  # 10%
+    with pytest.raises(TooManyBadSamples, match=r"of 10\d samples .*judged early: over 5 x that in the first"):
+        list(zip(range(75), grossly_bad))
+    assert grossly_bad.samples_seen() < 110
+    noisy = BucketedLoader(shard("fine.tar", 2), batch_size=4, square_size=32)  # 0.7%: no stop, at any point
+    assert len(list(zip(range(150), noisy))) == 150 and noisy.bad_counts()["missing_caption"] >= 1
+
+
+def test_no_sample_repeats_within_a_batch_when_the_dataset_has_enough(tmp_path: Path) -> None:
+    shard = write_shard(tmp_path / "six.tar", [m for i in range(6) for m in sample_members(f"k{i}", 32, 32, seed=i)])
+    loader = BucketedLoader(shard, batch_size=4, square_size=32)  # buffer 1000 >> 6 samples
+    batches = [batch["__key__"] for _, batch in zip(range(60), loader)]
+    assert all(len(set(keys)) == 4 for keys in batches)
+    seen = Counter(key for keys in batches for key in keys)
+    assert set(seen) == {f"k{i}" for i in range(6)} and max(seen.values()) - min(seen.values()) <= 2
+    two = write_shard(tmp_path / "two.tar", [m for i in range(2) for m in sample_members(f"t{i}", 32, 32, seed=i)])
+    small = [b["__key__"] for _, b in zip(range(5), BucketedLoader(two, batch_size=4, square_size=32))]
+    assert all(len(keys) == 4 and set(keys) == {"t0", "t1"} for keys in small)  # too few: repeats, no hang
 
 
 def test_slot_without_samples_raises_a_clear_error(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data_loader import image_bytes, make_dataset
+from test_data_loader import TINY_BAD, image_bytes, make_dataset, tiny_hostile_shards
 
 from sgm.data.loader import BucketedLoader, merge_loader_states
 
@@ -67,6 +67,24 @@ def test_resume_continues_exactly(shards: list[str], workers: int) -> None:
     take(whole, total)
     assert resumed.bad_counts() == whole.bad_counts() and resumed.bad_counts()["missing_caption"] >= 1
     assert resumed.samples_seen() == whole.samples_seen()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_is_exact_on_a_dataset_smaller_than_the_shuffle_buffer(tmp_path: Path, workers: int) -> None:
+    """The buffer capped at one pass, copies waiting in a bucket and the once-only counts all resume."""
+    shards = tiny_hostile_shards(tmp_path)
+    options = {"batch_size": 2, "square_size": 32, "num_workers": workers, "max_bad_fraction": 1.0}
+    reference = take(BucketedLoader(shards, **options), 30)
+    for stop in (1, 7, 14):  # with no workers, a copy waits in the bucket at 14
+        first = BucketedLoader(shards, **options)
+        assert_same_batches(take(first, stop), reference[:stop])
+        state = json.loads(json.dumps(first.state_dict()))
+        resumed = BucketedLoader(shards, **options)
+        resumed.load_state_dict(state)
+        assert_same_batches(take(resumed, 30 - stop), reference[stop:])
+        assert resumed.bad_counts() == TINY_BAD and resumed.samples_seen() == 7
+    snapshots = state["ranks"]["0"]["snapshots"].values()
+    assert all(snap["pass_size"] is not None and snap["first_pass_done"] for snap in snapshots)
 
 
 def test_resume_twice_with_workers_keeps_the_interleaving(shards: list[str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from training_utils import compose_train, fast_overrides, make_shards
 
 from sgm.training.datamodule import SDXLDataModule
 from sgm.training.module import NonFiniteLossError
-from sgm.training.run import build_module, build_trainer, run
+from sgm.training.run import build_module, build_trainer, main_entry, run
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +64,25 @@ def test_nonfinite_losses_skip_the_step_then_stop_with_a_clear_error(tmp_path, s
         trainer.fit(module, datamodule=SDXLDataModule(instantiate(cfg.data)))
     assert module.nonfinite_total == 3
     assert torch.equal(module.model.unet.input_blocks[0][0].weight, before)  # skipped steps change nothing
+
+
+def test_mostly_bad_data_stops_early_with_a_checkpoint_and_one_message(tmp_path, shards, capsys):
+    from test_data_loader import sample_members, write_shard
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for shard in shards.glob("*.tar"):  # 16 good samples
+        shutil.copy(shard, data / shard.name)
+    nocaps = [m for i in range(16) for m in sample_members(f"bad{i}", 64, 64, seed=i) if not m[0].endswith(".txt")]
+    write_shard(data / "nocaptions.tar", nocaps)
+    cfg = compose_train(fast_overrides(tmp_path / "run", data, max_steps=50, every=50) + ["data.num_workers=1"])
+    with pytest.raises(SystemExit) as info:
+        main_entry(cfg)
+    assert info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[sgm] error:")]
+    assert len(errors) == 1 and "Traceback" not in errors[0]
+    assert "16 of 32 samples (50.0%) could not be used (missing_caption=16)" in errors[0]
+    assert "data.max_bad_fraction=0.01" in errors[0] and "stopped_bad_data.ckpt (step " in errors[0]
+    checkpoint = tmp_path / "run" / "checkpoints" / "stopped_bad_data.ckpt"
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert 0 < saved["global_step"] < 10  # the stop came within the first pass, after a few steps

@@ -15,6 +15,11 @@ upscaling, and measured ~30% faster than LANCZOS on 3000x2000 -> 1536x1024.
 Flip: the crop is mirrored horizontally and its left coordinate is mirrored with it,
 left' = resized_w - left - target_w, so the recorded crop describes the image the model actually
 saw (the mirrored resized image, cropped at (top, left')). top is unchanged.
+
+Draft-decoded input (decode.py's `decode_image_draft`): the image is 1/draft_scale of `full_size`.
+Every size and crop is computed from `full_size` exactly as for the full decode, so the recorded
+numbers are the same for the same rng draw; only the resize reads the smaller image, through a box
+that maps it onto the full image's geometry (draft pixel i covers full pixels [i*s, (i+1)*s)).
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ def resize_and_crop(
     rng: Rng | None = None,
     resample: Image.Resampling = Image.Resampling.BICUBIC,
     original_size_as_tuple: tuple[int, int] | None = None,
+    full_size: tuple[int, int] | None = None,
+    draft_scale: int = 1,
 ) -> CroppedSample:
     """Resize `image` (RGB) to cover `bucket_hw`, crop to it, flip with `flip_probability`.
 
@@ -66,6 +73,8 @@ def resize_and_crop(
     offset is drawn before the flip. `original_size_as_tuple` overrides the recorded original
     size, for shards that store a downscaled copy next to the true size (img2dataset's json
     `original_height`/`original_width`); by default it is the image's own (h, w).
+    `full_size` (h, w) and `draft_scale`: the image was draft-decoded at 1/draft_scale of
+    full_size (see the module docstring); sizes, crop and the default recorded size follow full_size.
     """
     if image.mode != "RGB":
         raise ValueError(f"expected an RGB image (the output of decode_image), got mode {image.mode!r}")
@@ -76,12 +85,17 @@ def resize_and_crop(
     if rng is None and (crop == "random" or flip_probability > 0.0):
         raise ValueError("a random crop or flip needs an explicit rng (random.Random or numpy Generator)")
     target_h, target_w = (int(side) for side in bucket_hw)
-    width, height = image.size
+    height, width = (image.height, image.width) if full_size is None else (int(v) for v in full_size)
+    if draft_scale < 1 or image.width * draft_scale < width or image.height * draft_scale < height:
+        raise ValueError(f"a {image.size} image cannot be {full_size} at 1/{draft_scale} scale")
     recorded = (height, width) if original_size_as_tuple is None else tuple(int(v) for v in original_size_as_tuple)
     if len(recorded) != 2 or min(recorded) <= 0:
         raise ValueError(f"original_size_as_tuple must be a positive (h, w), got {original_size_as_tuple!r}")
     resized_h, resized_w = covering_size(height, width, target_h, target_w)
-    if (resized_w, resized_h) != image.size:
+    if draft_scale != 1:
+        box = (0.0, 0.0, width / draft_scale, height / draft_scale)
+        image = image.resize((resized_w, resized_h), resample=resample, box=box)
+    elif (resized_w, resized_h) != image.size:
         image = image.resize((resized_w, resized_h), resample=resample)
 
     if crop == "center":

@@ -102,6 +102,7 @@ class CacheConfig:
             bucket_by=self.bucket_by,
             min_size=self.min_size,
             max_pixels=self.max_pixels,
+            draft_decode=False,  # a cache is encoded once, by the VAE: keep its pixels the full decode's
         )
 
     def record(self, scale_factor: float) -> dict[str, Any]:

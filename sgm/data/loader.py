@@ -28,9 +28,16 @@ buffers) at the earliest epoch any saved slot was in; samples of that epoch may 
 What a batch holds comes from the stream's processor: `BucketedLoader` decodes images
 (samples.ImageProcessor); `SlotLoader` takes any StreamConfig, e.g. latent_loader.LatentLoader.
 
-Bad input: counts by reason are summed over this rank's slots (`bad_counts()`, for logging)
-and checked against `max_bad_fraction` once `min_seen_for_check` samples were seen; the filter
-reasons (too_small) do not count as bad. Workers send uint8 pixels; normalise in the step.
+Bad input: each bad sample or shard counts once, however often a small dataset is re-read
+(stream.py: only the first epoch counts). Counts by reason are summed over this rank's slots
+(`bad_counts()`, for logging) and checked against `max_bad_fraction` once `min_seen_for_check`
+distinct samples (default 1,000) were seen, or earlier, once every slot of this rank has counted
+its whole first epoch (a dataset smaller than that minimum). Before that, from 100 distinct
+samples, a gross excess (more than 5 x max_bad_fraction) stops too: 25% bad data stops within
+100 samples, while data just under the limit is not stopped by the noise of a small count (at
+1%, 2 bad of the first 100 are common; 6 are not). Past the limit the loader raises
+`TooManyBadSamples` in the main process (training catches it, saves a checkpoint and exits 2).
+The filter reasons (too_small) do not count as bad. Workers send uint8 pixels; normalise in the step.
 """
 
 from __future__ import annotations
@@ -48,6 +55,21 @@ from sgm.data.stream import FILTER_REASONS, SlotStream, StreamConfig
 
 STATE_VERSION = 1
 ON_MISMATCH = ("error", "restart_epoch")
+MIN_SEEN_FOR_CHECK = 1000  # distinct samples before max_bad_fraction itself is judged (or one whole pass)
+EARLY_CHECK_SEEN, EARLY_CHECK_FACTOR = 100, 5  # from 100 samples, stop on more than 5 x max_bad_fraction
+
+
+class TooManyBadSamples(RuntimeError):
+    """More than max_bad_fraction of the distinct samples were bad; the message names the counts by
+    reason, the setting and the fix. `checkpoint` is set by whoever saved what was trained."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.checkpoint: str | None = None
+
+    def __str__(self) -> str:
+        saved = f" What was trained so far is saved in {self.checkpoint}." if self.checkpoint else ""
+        return super().__str__() + saved
 
 
 def _keep(item: Any) -> Any:
@@ -95,7 +117,7 @@ class SlotLoader:
         world_size: int | None = None,
         batches_per_epoch: int | None = None,
         max_bad_fraction: float = 0.01,
-        min_seen_for_check: int = 1000,
+        min_seen_for_check: int = MIN_SEEN_FOR_CHECK,
         pin_memory: bool = False,
         prefetch_factor: int = 2,
         multiprocessing_context: str | None = None,
@@ -194,15 +216,29 @@ class SlotLoader:
         return total.as_dict()
 
     def samples_seen(self) -> int:
-        """Samples decoded (plus one per shard-level failure) over this rank's slots."""
+        """Distinct samples counted (plus one per shard-level failure) over this rank's slots."""
         return sum(snapshot["seen"] for snapshot in self._snapshots.values())
 
     def _check_bad(self) -> None:
         seen = self.samples_seen()
-        if seen < max(self.min_seen_for_check, 1):
+        whole_pass = len(self._snapshots) == max(self.num_workers, 1) and all(
+            snapshot.get("first_pass_done") for snapshot in self._snapshots.values()
+        )
+        final = seen >= max(self.min_seen_for_check, 1) or (whole_pass and seen > 0)
+        if not final and seen < EARLY_CHECK_SEEN:
             return
-        defects = {r: c for r, c in self.bad_counts().items() if r not in FILTER_REASONS}
-        StreamBadCounter(defects).check(self.max_bad_fraction, seen, self.config_key)
+        limit = self.max_bad_fraction if final else EARLY_CHECK_FACTOR * self.max_bad_fraction
+        defects = StreamBadCounter({r: c for r, c in self.bad_counts().items() if r not in FILTER_REASONS})
+        if defects.total <= limit * seen:
+            return
+        counts = ", ".join(f"{reason}={count}" for reason, count in defects.as_dict().items())
+        key = self.config_key
+        early = "" if final else f" (judged early: over {EARLY_CHECK_FACTOR} x that in the first {seen})"
+        raise TooManyBadSamples(
+            f"{defects.total} of {seen} samples ({defects.total / seen:.1%}) could not be used ({counts}), "
+            f"more than {key}={self.max_bad_fraction}{early}. Check or rebuild the shards, "
+            f"or raise {key} to accept this many bad samples."
+        )
 
     # -- state ---------------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
@@ -265,6 +301,7 @@ class BucketedLoader(SlotLoader):
         num_epochs: int | None = None,
         heartbeat_every: int = 1000,
         default_aesthetic_score: float | None = None,
+        draft_decode: bool = True,
         **loader_options: Any,
     ) -> None:
         """Give exactly one of base_resolution (SDXL multi-aspect table), square_size (one square
@@ -293,6 +330,7 @@ class BucketedLoader(SlotLoader):
             num_epochs=num_epochs,
             heartbeat_every=heartbeat_every,
             default_aesthetic_score=default_aesthetic_score,
+            draft_decode=draft_decode,
         )
         super().__init__(config, **loader_options)
 

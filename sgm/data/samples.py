@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from sgm.data.buckets import assign_bucket
-from sgm.data.crop import CROP_MODES, CroppedSample, resize_and_crop
-from sgm.data.decode import BadSample, decode_image_oriented
+from sgm.data.crop import CROP_MODES, CroppedSample, covering_size, resize_and_crop
+from sgm.data.decode import BadSample, decode_image_draft
 from sgm.data.shard_list import LOADER_BAD_REASONS, LoaderBadCounter
 
 Position = tuple[int, int, int]  # (epoch, shard index in the shard list, sample offset in the shard)
@@ -151,6 +151,8 @@ class ImageProcessor:
     size. The image is decoded before the json's size is read, so an unusable image is counted by
     its own reason (e.g. `empty_file`) even when its json is bad too. The bucket is chosen by the DECODED aspect ratio (`bucket_by`), since that is the
     image that gets cropped; the optional `min_size` filter tests the recorded original size.
+    `draft_decode` (with bucket_by="decoded") decodes a JPEG at least twice its cover-resize size at
+    1/2..1/8 scale (decode.py); the recorded sizes and crop are exactly the full decode's.
     """
 
     buckets: tuple[tuple[int, int], ...]
@@ -160,6 +162,7 @@ class ImageProcessor:
     min_size: int | None = None
     max_pixels: int | None = 178_956_970
     default_aesthetic_score: float | None = None
+    draft_decode: bool = True
     needs_rng: bool = True
 
     def __post_init__(self) -> None:
@@ -190,6 +193,7 @@ class ImageProcessor:
             min_size=config.min_size,
             max_pixels=config.max_pixels,
             default_aesthetic_score=config.default_aesthetic_score,
+            draft_decode=config.draft_decode,
         )
 
     def fingerprint(self) -> dict[str, Any]:
@@ -211,11 +215,13 @@ class ImageProcessor:
         except UnicodeDecodeError:
             raise Skip("bad_caption") from None
         try:
-            image, quarter_turned = decode_image_oriented(raw[image_key], max_pixels=self.max_pixels)
+            drafting = self.draft_decode and self.bucket_by == "decoded"
+            image, quarter_turned, decoded, draft_scale = decode_image_draft(
+                raw[image_key], self._needed_size if drafting else None, max_pixels=self.max_pixels
+            )
         except BadSample as bad:
             raise Skip(bad.reason) from None
         meta = read_json(raw.get("json"))
-        decoded = (image.height, image.width)
         original = json_original_size(meta, quarter_turned) or decoded
         if self.min_size is not None and min(original) < self.min_size:
             raise Skip("too_small")
@@ -227,9 +233,15 @@ class ImageProcessor:
             flip_probability=self.flip_probability,
             rng=rng,
             original_size_as_tuple=original,
+            full_size=decoded,
+            draft_scale=draft_scale,
         )
         score = aesthetic_score(meta, self.default_aesthetic_score)
         return bucket, ImageSample(raw["__key__"], caption, crop, score)
+
+    def _needed_size(self, height: int, width: int) -> tuple[int, int]:
+        """The upright (h, w) an image of full upright size (h, w) is resized to (draft decoding)."""
+        return covering_size(height, width, *self.buckets[assign_bucket(height, width, self.buckets)])
 
     def collate(self, samples: Sequence[ImageSample]) -> dict[str, Any]:
         def sizes(name: str) -> torch.Tensor:

@@ -10,7 +10,9 @@ What "process" does is a strategy (samples.SampleProcessor): by default the imag
   the shard list, sample offset in the shard). Epochs repeat forever (each re-permuted)
   unless `num_epochs` is set (tests, evaluation); a finite stream flushes partial batches.
 - Shuffle: a buffer of `shuffle_buffer` raw samples; a numpy Generator picks which one leaves
-  as each new one arrives. Its bit_generator.state is plain JSON.
+  as each new one arrives. Its bit_generator.state is plain JSON. Once the slot has read its
+  first epoch, the buffer holds at most that many samples (`pass_size`): a dataset smaller than
+  the buffer is not read many passes ahead into it.
 - Decode: image from the first of jpg/jpeg/png/webp, caption from txt, original size from the
   json's (original_height, original_width) when present (img2dataset stores resized copies),
   swapped to upright when EXIF orientation 5-8 turned the pixels, else the decoded size. The bucket is chosen by the DECODED aspect ratio (`bucket_by`), since
@@ -19,12 +21,21 @@ What "process" does is a strategy (samples.SampleProcessor): by default the imag
   Resize and crop draw from an RNG seeded by (seed, epoch, shard, offset), so re-processing a
   sample after a resume gives the same pixels and crop coordinates. `aesthetic_score` passes
   through from the json (see samples.py).
-- Bucket: one buffer per bucket key; a full one (batch_size samples) leaves as one batch; a
-  finite stream flushes the partial ones at its end in bucket-key order.
+- Bucket: one buffer per bucket key; once it holds batch_size DISTINCT samples (by shard and
+  offset) the first of each leaves as one batch, so a sample does not repeat within a batch; a
+  copy of a sample already waiting (a small dataset read again) waits for the next batch. Only
+  when a bucket holds 2 x batch_size samples without enough distinct ones (a bucket with fewer
+  samples than a batch) does a batch take repeats. A finite stream flushes the partial ones at
+  its end in bucket-key order.
 
-Bad input never stops the stream: each bad sample or shard is counted by reason
-(samples.STREAM_BAD_REASONS) and skipped; a broken shard counts again in every epoch that
-reads it. `seen` counts decoded samples plus one per shard event, so bad/seen is a fraction.
+Bad input never stops the stream: each bad sample or shard is skipped, and counted by reason
+(samples.STREAM_BAD_REASONS) ONCE: only samples of the slot's first epoch (`count_epoch`, the
+epoch a fresh stream starts in) are counted, and a shard event (truncated, unreadable) only in
+that epoch too. Within one epoch the slots read disjoint samples (shard_list.py), so over all
+slots each sample and shard counts once, however many passes a small dataset is read. With
+fewer shards than slots every slot reads every shard: its events count in slot shard % slots
+only. `seen` counts those first-epoch samples plus one per counted shard event, so bad/seen
+is the fraction of distinct samples. `first_pass_done` in the snapshot says the counts are final.
 After `heartbeat_every` samples without a batch the stream yields (None, snapshot), so the
 main process sees the counts (and can stop an all-bad run) instead of waiting forever; a
 finite stream ends with one such item. A slot that reads no sample in a whole epoch raises.
@@ -85,6 +96,7 @@ class StreamConfig:
     num_epochs: int | None = None
     heartbeat_every: int = 1000
     default_aesthetic_score: float | None = None
+    draft_decode: bool = True
     processor: SampleProcessor | None = None
 
     def __post_init__(self) -> None:
@@ -111,7 +123,9 @@ class StreamConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """JSON-able summary compared on resume (the shard list as count, hash, first shard)."""
-        fields = {k: v for k, v in asdict(self).items() if k not in ("shards", "processor")}
+        # draft_decode is left out: it moves pixels by a few levels, never which samples a batch
+        # holds or what they record, so a run may resume across it (and across its introduction).
+        fields = {k: v for k, v in asdict(self).items() if k not in ("shards", "processor", "draft_decode")}
         fields["buckets"] = [list(b) for b in self.buckets]
         digest = hashlib.sha256("\n".join(self.shards).encode()).hexdigest()[:16]
         fields["shards"] = {"count": len(self.shards), "hash": digest, "first": self.shards[0]}
@@ -135,6 +149,14 @@ def _key_from_json(value: Any) -> Hashable:
     return tuple(_key_from_json(v) for v in value) if isinstance(value, list) else value
 
 
+def _distinct(held: list[_Processed]) -> list[int]:
+    """Indices of the first copy of each sample (by shard and offset) in `held`, in order."""
+    first: dict[tuple[int, int], int] = {}
+    for index, processed in enumerate(held):
+        first.setdefault(processed.position[1:], index)
+    return list(first.values())
+
+
 class SlotStream:
     """Iterate to get (batch or None, snapshot) pairs for data slot `slot` of `num_slots`."""
 
@@ -150,6 +172,8 @@ class SlotStream:
         self.processor = config.sample_processor()
         self.bad = StreamBadCounter()
         self.seen, self.batches, self.since_batch = 0, 0, 0
+        self.count_epoch, self.pass_size = start_epoch, None  # see the module docstring
+        self._stride, self._reading = False, 0  # whether the slot strides; the shard it reads
         self.shuffle: list[tuple[Position, dict]] = []
         self.buckets: dict[Hashable, list[_Processed]] = {}
         self._snapshot = snapshot
@@ -166,7 +190,7 @@ class SlotStream:
         for position, raw in self._raw_samples():
             if self.config.shuffle_buffer <= 1:
                 yield from self._consume(position, raw)
-            elif len(self.shuffle) < self.config.shuffle_buffer:
+            elif len(self.shuffle) < min(self.config.shuffle_buffer, self.pass_size or self.config.shuffle_buffer):
                 self.shuffle.append((position, raw))
             else:
                 index = int(self.rng.integers(len(self.shuffle)))
@@ -175,7 +199,7 @@ class SlotStream:
         while self.shuffle:  # only a finite stream (num_epochs) gets here
             yield from self._consume(*self.shuffle.pop(int(self.rng.integers(len(self.shuffle)))))
         for bucket in sorted(self.buckets):
-            if self.buckets[bucket]:
+            while self.buckets.get(bucket):
                 yield self._emit(bucket), self.snapshot()
         yield None, self.snapshot()  # the final counts, including samples after the last batch
 
@@ -184,8 +208,10 @@ class SlotStream:
         config, num_shards = self.config, len(self.config.shards)
         while config.num_epochs is None or self.epoch < config.num_epochs:
             shard_ids, stride = slot_shards(num_shards, config.seed, self.epoch, self.slot, self.num_slots)
+            self._stride = stride
             while self.shard_k < len(shard_ids):
                 shard_id, skip = shard_ids[self.shard_k], self.offset
+                self._reading = shard_id
                 for offset, raw in enumerate(iter_shard(config.shards[shard_id], self._shard_event)):
                     if offset < skip:
                         continue
@@ -201,26 +227,33 @@ class SlotStream:
                     f"(bad counts so far: {self.bad.as_dict()}). Check that the shards are readable "
                     "tars, or give more samples/shards than world_size * num_workers data slots."
                 )
+            if self.epoch == self.count_epoch:
+                self.pass_size = max(self.epoch_reads, 1)
             self.epoch, self.shard_k, self.offset, self.epoch_reads = self.epoch + 1, 0, 0, 0
 
     def _shard_event(self, reason: str, detail: str) -> None:
+        self.since_batch += 1
+        shard_id = self._reading if self._stride else self.slot
+        if self.epoch != self.count_epoch or shard_id % self.num_slots != self.slot:
+            return  # counted once: in the first epoch, by one slot (see the module docstring)
         _log.warning("data slot %d skips the rest of a shard (%s): %s", self.slot, reason, detail)
         self.bad.add(reason)
         self.seen += 1
-        self.since_batch += 1
 
     # -- decoding and batching -----------------------------------------------------------------
     def _consume(self, position: Position, raw: dict) -> Iterator[tuple[dict | None, dict]]:
-        self.seen += 1
+        counted = position[0] == self.count_epoch  # each sample counts once: in the first epoch
+        self.seen += counted
         self.since_batch += 1
         try:
             sample = self._process(position, raw)
         except Skip as skip:
-            self.bad.add(skip.reason)
+            if counted:
+                self.bad.add(skip.reason)
         else:
             held = self.buckets.setdefault(sample.bucket, [])
             held.append(sample)
-            if len(held) >= self.config.batch_size:
+            if len(held) >= 2 * self.config.batch_size or len(_distinct(held)) >= self.config.batch_size:
                 yield self._emit(sample.bucket), self.snapshot()
                 return
         if self.since_batch >= self.config.heartbeat_every:
@@ -237,10 +270,19 @@ class SlotStream:
         return _Processed(position, bucket, sample)
 
     def _emit(self, bucket: Hashable) -> dict[str, Any]:
-        held = self.buckets.pop(bucket)
+        """One batch of the bucket: the first of each distinct sample (up to batch_size), topped up
+        with repeats only when there are too few; the rest keep their order for the next batch."""
+        held, size = self.buckets.pop(bucket), self.config.batch_size
+        chosen = _distinct(held)[:size]
+        if len(chosen) < size and len(held) >= 2 * size:  # too few distinct samples in this bucket
+            chosen += [i for i in range(len(held)) if i not in chosen][: size - len(chosen)]
+        picked = set(chosen)
+        rest = [p for i, p in enumerate(held) if i not in picked]
+        if rest:
+            self.buckets[bucket] = rest
         self.batches += 1
         self.since_batch = 0
-        return self.processor.collate([p.sample for p in held])
+        return self.processor.collate([held[i].sample for i in sorted(picked)])
 
     # -- snapshots -----------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -259,6 +301,10 @@ class SlotStream:
             "seen": self.seen,
             "batches": self.batches,
             "since_batch": self.since_batch,
+            "count_epoch": self.count_epoch,
+            "pass_size": self.pass_size,
+            "first_pass_done": self.pass_size is not None
+            and all(position[0] != self.count_epoch for position, _ in self.shuffle),
         }
 
     def _load_scalars(self, snap: dict) -> None:
@@ -272,6 +318,7 @@ class SlotStream:
         self.epoch_reads, self.rng.bit_generator.state = snap["epoch_reads"], snap["shuffle_rng"]
         self.bad = StreamBadCounter(snap["bad"])
         self.seen, self.batches, self.since_batch = snap["seen"], snap["batches"], snap["since_batch"]
+        self.count_epoch, self.pass_size = snap.get("count_epoch", 0), snap.get("pass_size")
 
     def _restore_buffers(self, snap: dict) -> None:
         """Re-read the buffered samples by position and re-process those that sat in buckets."""

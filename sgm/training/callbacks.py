@@ -1,4 +1,5 @@
-"""Callbacks: validation samples for fixed prompts and seeds, throughput and data-wait logging."""
+"""Callbacks: validation samples for fixed prompts and seeds, throughput and data-wait logging,
+a checkpoint when bad data stops the run."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from sgm.data.loader import TooManyBadSamples
 from sgm.inference import generate_latents, image_grid, latents_to_uint8
-from sgm.parallel import plan_for
+from sgm.parallel import plan_for, save_training_checkpoint
 
 
 class SampleImages(pl.Callback):
@@ -161,3 +163,22 @@ def read_batch_keys(path: str | Path) -> dict[int, list[str]]:
         step, _, keys = line.partition("\t")
         steps[int(step)] = keys.split(",") if keys else []
     return steps
+
+
+class CheckpointOnBadData(pl.Callback):
+    """When the loader stops the run for too many bad samples (TooManyBadSamples, raised in the main
+    process while fetching a batch), save what was trained to `path` and name it in the error.
+
+    The data module's state in that checkpoint is the one after the last TRAINED batch. Under
+    several ranks the stop is one rank's, and a save needs every rank: nothing is saved there."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        self.path = Path(path)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, TooManyBadSamples) or trainer.world_size > 1:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        save_training_checkpoint(trainer, self.path)
+        exception.checkpoint = f"{self.path} (step {trainer.global_step})"

@@ -301,6 +301,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from sgm.checkpoint.lineage import LineageError
     from sgm.checkpoint.model_source import ModelSourceError
     from sgm.checkpoint.training_ckpt import TrainingCheckpointError
+    from sgm.data.loader import TooManyBadSamples
     from sgm.training.module import NonFiniteLossError
 
     return (
@@ -310,6 +311,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         ModelSourceError,
         TrainingCheckpointError,
         NonFiniteLossError,
+        TooManyBadSamples,
         MisconfigurationException,
         FileNotFoundError,
     )

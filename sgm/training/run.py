@@ -25,7 +25,7 @@ from sgm.checkpoint.pretrained import load_pretrained, require_pretrained_file
 from sgm.diffusion.samplers import DPMPP2MSampler
 from sgm.models.build import build_model
 from sgm.parallel import check_fits_strategy, newest_checkpoint, plan_for
-from sgm.training.callbacks import BatchKeyLog, SampleImages, ThroughputMonitor
+from sgm.training.callbacks import BatchKeyLog, CheckpointOnBadData, SampleImages, ThroughputMonitor
 from sgm.training.checkpoint_io import AtomicCheckpointIO, SafeModelCheckpoint
 from sgm.training.datamodule import SDXLDataModule
 from sgm.training.loggers import describe_logger
@@ -135,6 +135,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[pl.Callb
             checkpoints,
             *([] if sharded else [samples]),
             ThroughputMonitor(),
+            CheckpointOnBadData(run_dir / "checkpoints" / "stopped_bad_data.ckpt"),
             *extra,
             *slurm_callbacks(run_dir),
             *(extra_callbacks or []),

@@ -88,7 +88,7 @@ class SignalAtStep(pl.Callback):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
-def test_preempted_run_stops_after_a_checkpoint_and_resume_auto_continues_from_it(tmp_path, capsys):
+def test_preempted_run_stops_after_a_checkpoint_and_resume_auto_continues_from_it(tmp_path, capsys, caplog):
     shards = make_shards(tmp_path / "shards", num_samples=16, num_emoji=2, samples_per_shard=8)
     run_dir = tmp_path / "run"
     cfg = compose_train(fast_overrides(run_dir, shards, max_steps=4, every=4) + ["samples.at_train_end=false"])
@@ -101,7 +101,8 @@ def test_preempted_run_stops_after_a_checkpoint_and_resume_auto_continues_from_i
     assert state["SDXLDataModule"]["loader"]["ranks"]  # the data position travels with it
 
     outputs = run(compose_train(fast_overrides(run_dir, shards, max_steps=4, every=4) + ["samples.at_train_end=false"]))
-    assert f"resuming from {run_dir / 'checkpoints' / 'requeue.ckpt'}" in capsys.readouterr().out
+    said = capsys.readouterr().out + caplog.text  # the "sgm" logger's lines (pytest captures them)
+    assert f"resuming from {run_dir / 'checkpoints' / 'requeue.ckpt'}" in said
     assert outputs["global_step"] == "4"
 
 

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data_loader import TINY_BAD, image_bytes, make_dataset, tiny_hostile_shards
+from test_data_loader import TINY_BAD, collect_keys, image_bytes, make_dataset, stream_config, tiny_hostile_shards
 
 from sgm.data.loader import BucketedLoader, merge_loader_states
+from sgm.data.shard_list import shard_sizes, slot_shards
+from sgm.data.stream import SlotStream
 
 OPTIONS = {
     "batch_size": 3,
@@ -128,3 +130,56 @@ def test_changed_settings_are_refused_or_restart_the_epoch(shards: list[str]) ->
         BucketedLoader(shards[:2], **OPTIONS).load_state_dict(state)
     other.load_state_dict(state, on_mismatch="restart_epoch")  # epoch 0: the same as a fresh start
     assert_same_batches(take(other, 3), take(BucketedLoader(shards, num_workers=2, **OPTIONS), 3))
+
+
+UNEQUAL = [2, 40, 3, 25, 7, 31, 4, 12, 18, 9]  # 151 samples in 10 shards
+
+
+def test_unequal_shards_are_balanced_by_samples_over_two_ranks_and_two_workers(tmp_path: Path) -> None:
+    """Issue 14.3: 4 slots (2 ranks x 2 workers) read within one shard's size of each other per pass.
+
+    Seed 11, epoch 0: the count split (order[s::4], still used for pipe:/URL shards) gives the
+    slots 83/46/11/11 samples (spread 72); the balanced split 40/37/37/37 (spread 3; bound 40).
+    """
+    info = make_dataset(tmp_path, UNEQUAL)
+    urls = [str(tmp_path / f"shard-{i}.tar") for i in range(len(UNEQUAL))]
+    assert shard_sizes(urls) == UNEQUAL and shard_sizes(["pipe:cat " + urls[0]]) is None
+    for epoch in range(4):
+        by_count = [sum(UNEQUAL[i] for i in slot_shards(10, 11, epoch, s, 4)[0]) for s in range(4)]
+        parts = [slot_shards(10, 11, epoch, s, 4, UNEQUAL)[0] for s in range(4)]
+        by_samples = [sum(UNEQUAL[i] for i in part) for part in parts]
+        assert sorted(i for part in parts for i in part) == list(range(10))
+        assert max(by_samples) - min(by_samples) <= max(UNEQUAL)
+        assert max(by_samples) - min(by_samples) < max(by_count) - min(by_count)
+        if epoch == 0:
+            assert (by_count, by_samples) == ([83, 46, 11, 11], [40, 37, 37, 37])
+    config = stream_config(tmp_path, len(UNEQUAL), seed=11)
+    keys = [collect_keys(SlotStream(config, slot, 4)) for slot in range(4)]  # one whole pass each
+    assert sorted(k for slot_keys in keys for k in slot_keys) == sorted(info)  # each sample once
+    counts = [len(slot_keys) for slot_keys in keys]
+    assert counts == [40, 37, 37, 37] and max(counts) - min(counts) <= max(UNEQUAL)
+
+
+def test_balanced_split_resumes_exactly_over_two_ranks_and_two_workers(tmp_path: Path) -> None:
+    make_dataset(tmp_path, UNEQUAL)
+    urls = [str(tmp_path / f"shard-{i}.tar") for i in range(len(UNEQUAL))]
+
+    def loader(rank: int) -> BucketedLoader:
+        return BucketedLoader(urls, rank=rank, world_size=2, num_workers=2, **OPTIONS)
+
+    total, stop = 30, 13  # 60 batches of 3 from 151 samples: both ranks cross into epoch 1
+    reference = {rank: take(loader(rank), total) for rank in range(2)}
+    runs = {rank: loader(rank) for rank in range(2)}
+    for rank, run in runs.items():
+        assert_same_batches(take(run, stop), reference[rank][:stop])
+    merged = json.loads(json.dumps(merge_loader_states([run.state_dict() for run in runs.values()])))
+    snapshots = [snap for rank in merged["ranks"].values() for snap in rank["snapshots"].values()]
+    assert len(snapshots) == 4 and all(snap["balanced"] for snap in snapshots)
+    assert any(snap["shuffle"] for snap in snapshots)
+    for rank in range(2):
+        resumed = loader(rank)
+        resumed.load_state_dict(merged)
+        assert_same_batches(take(resumed, total - stop), reference[rank][stop:])
+    old = dict(snapshots[0])
+    del old["balanced"]  # a snapshot from before the balanced split keeps the count split
+    assert SlotStream(stream_config(tmp_path, len(UNEQUAL)), old["slot"], 4, old)._balanced is False

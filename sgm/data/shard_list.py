@@ -10,7 +10,16 @@ Accepted forms (a string, or a list of strings, each expanded in turn):
 Slots. Every reader of the job is one data slot: num_slots = world_size * max(num_workers, 1),
 slot = rank * max(num_workers, 1) + worker_id. Each epoch permutes the shard list with an RNG
 seeded by (seed, epoch), identically on every rank, and deals it out:
-- len(shards) >= num_slots: slot s reads order[s::num_slots], whole shards;
+- len(shards) >= num_slots, every shard a local .tar and at most BALANCE_MAX_SHARDS of them
+  (`shard_sizes`: sample keys counted from the tar headers, cached per path, mtime and size):
+  whole shards, balanced by samples. Largest first (ties: the epoch's order), each shard goes to
+  the slot with the fewest samples so far (ties: fewer shards, then the lower slot); each slot
+  reads its shards in the epoch's order. Per pass any two slots differ by at most the largest
+  shard's sample count; equal shards give order[s::num_slots]. Deterministic from (sizes, seed,
+  epoch), so every rank and a resumed run deal alike;
+- otherwise (pipe:/URL shards cannot be sized without reading them; at thousands of shards
+  the counts even out and a header scan per shard per worker would cost): slot s reads
+  order[s::num_slots], whole shards;
 - fewer shards than slots: every slot reads every shard (in the epoch's order) and keeps only
   the samples whose running index i within the shard has i % num_slots == s. Correct (disjoint
   and complete within an epoch) but every slot reads all the bytes; write more shards than
@@ -30,7 +39,9 @@ member boundary as a shorter, valid tar; that case cannot be told apart and is n
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
+import heapq
 import os
 import re
 import tarfile
@@ -119,17 +130,95 @@ def epoch_order(num_shards: int, seed: int, epoch: int) -> list[int]:
     return [int(i) for i in rng.permutation(num_shards)]
 
 
-def slot_shards(num_shards: int, seed: int, epoch: int, slot: int, num_slots: int) -> tuple[list[int], bool]:
+def slot_shards(
+    num_shards: int, seed: int, epoch: int, slot: int, num_slots: int, sizes: Sequence[int] | None = None
+) -> tuple[list[int], bool]:
     """(shard indices slot `slot` reads in `epoch`, in order; whether it must stride samples).
 
     With stride True the slot reads every shard and keeps samples with index % num_slots == slot.
+    `sizes` (samples per shard, from `shard_sizes`) balances whole shards by samples; None deals
+    them by count.
     """
     if not 0 <= slot < num_slots:
         raise ValueError(f"slot {slot} out of range for {num_slots} slots")
     order = epoch_order(num_shards, seed, epoch)
-    if num_shards >= num_slots:
+    if num_shards < num_slots:
+        return order, True
+    if sizes is None:
         return order[slot::num_slots], False
-    return order, True
+    if len(sizes) != num_shards:
+        raise ValueError(f"{len(sizes)} shard sizes for {num_shards} shards")
+    return balanced_split(order, sizes, num_slots)[slot], False
+
+
+def balanced_split(order: Sequence[int], sizes: Sequence[int], num_slots: int) -> list[list[int]]:
+    """Each slot's shards, read in `order`: largest shard first (ties: earlier in `order`), each to
+    the slot with the fewest samples (ties: fewer shards, lower slot). Greedy, so max - min of the
+    slots' samples <= max(sizes)."""
+    slots: list[list[int]] = [[] for _ in range(num_slots)]
+    heap = [(0, 0, slot) for slot in range(num_slots)]
+    for shard in sorted(order, key=lambda shard: -sizes[shard]):  # stable: ties keep the epoch's order
+        samples, count, slot = heapq.heappop(heap)
+        slots[slot].append(shard)
+        heapq.heappush(heap, (samples + sizes[shard], count + 1, slot))
+    position = {shard: index for index, shard in enumerate(order)}
+    return [sorted(shards, key=position.__getitem__) for shards in slots]
+
+
+BALANCE_MAX_SHARDS = 256  # above this the count split evens out, and sizing costs a scan per worker
+
+
+def shard_sizes(urls: Sequence[str]) -> list[int] | None:
+    """Samples per shard (distinct consecutive keys in the tar headers) when every shard is a local
+    .tar and there are at most BALANCE_MAX_SHARDS; else None. Unreadable parts count as empty:
+    the sizes only weigh the split, and they are the same on every rank (the same files)."""
+    paths = [local_tar_path(url) for url in urls]
+    if len(paths) > BALANCE_MAX_SHARDS or any(path is None for path in paths):
+        return None
+    sizes = []
+    for path in paths:
+        try:
+            stat = os.stat(path)  # type: ignore[arg-type]
+        except OSError:
+            sizes.append(0)
+            continue
+        sizes.append(_count_samples(path, stat.st_mtime_ns, stat.st_size))
+    return sizes
+
+
+@functools.lru_cache(maxsize=4 * BALANCE_MAX_SHARDS)
+def _count_samples(path: str, mtime_ns: int, size: int) -> int:
+    """Sample keys in a local tar, from its headers only (mtime and size key the cache)."""
+    count, last = 0, None
+    with contextlib.suppress(Exception), open(path, "rb") as file:  # a weight only: keep what was counted
+        for name in _member_names(file):
+            prefix = base_plus_ext(name)[0]
+            if prefix is not None and prefix != last:
+                count, last = count + 1, prefix
+    return count
+
+
+def _member_names(file: Any) -> Iterator[str]:
+    """Names of the regular members local_tar_members would read, without reading their data."""
+    end = os.fstat(file.fileno()).st_size
+    offset = 0
+    while True:
+        file.seek(offset)
+        header = _plain_ustar_header(file.read(_BLOCK))
+        if header is None:
+            break
+        name, size, is_file = header
+        offset += _BLOCK + -(-size // _BLOCK) * _BLOCK
+        if offset > end:
+            return
+        if is_file and not _META_MEMBER.match(name):
+            yield name
+    file.seek(offset)
+    tar = tarfile.open(fileobj=file, mode="r:")  # noqa: SIM115 - closed with the file
+    while (info := tar.next()) is not None:
+        tar.members = []
+        if info.isreg() and not _META_MEMBER.match(info.name):
+            yield info.name
 
 
 def num_slots_for(world_size: int, num_workers: int) -> int:

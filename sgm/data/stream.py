@@ -5,9 +5,10 @@ read -> shuffle buffer -> process -> bucket buffers -> batch.
 What "process" does is a strategy (samples.SampleProcessor): by default the image path below
 (samples.ImageProcessor); `StreamConfig.processor` swaps in another, e.g. cached latents
 (latent_loader.LatentProcessor), bucketed by its own key. Everything else here is shared.
-- Read: the slot's shards for the epoch (shard_list.slot_shards), each read by
-  shard_list.iter_shard. Each raw sample is tagged with its position (epoch, shard index in
-  the shard list, sample offset in the shard). Epochs repeat forever (each re-permuted)
+- Read: the slot's shards for the epoch (shard_list.slot_shards: balanced by samples when
+  shard_list.shard_sizes can size them, else by count; a snapshot records which, so a resume
+  deals as the run did), each read by shard_list.iter_shard. Each raw sample is tagged with its
+  position (epoch, shard index in the shard list, sample offset in the shard). Epochs repeat forever (each re-permuted)
   unless `num_epochs` is set (tests, evaluation); a finite stream flushes partial batches.
 - Shuffle: a buffer of `shuffle_buffer` raw samples; a numpy Generator picks which one leaves
   as each new one arrives. Its bit_generator.state is plain JSON. Once the slot has read its
@@ -67,7 +68,7 @@ from sgm.data.samples import (  # noqa: F401  (IMAGE_EXTENSIONS, BUCKET_BY: re-e
     Skip,
     StreamBadCounter,
 )
-from sgm.data.shard_list import iter_shard, slot_shards
+from sgm.data.shard_list import iter_shard, shard_sizes, slot_shards
 
 FILTER_REASONS: tuple[str, ...] = ("too_small",)  # counted, but not as defects
 SNAPSHOT_VERSION = 1
@@ -174,6 +175,7 @@ class SlotStream:
         self.seen, self.batches, self.since_batch = 0, 0, 0
         self.count_epoch, self.pass_size = start_epoch, None  # see the module docstring
         self._stride, self._reading = False, 0  # whether the slot strides; the shard it reads
+        self._balanced = True  # split by samples where sizable; snapshots from before keep the count split
         self.shuffle: list[tuple[Position, dict]] = []
         self.buckets: dict[Hashable, list[_Processed]] = {}
         self._snapshot = snapshot
@@ -206,8 +208,9 @@ class SlotStream:
     # -- reading -------------------------------------------------------------------------------
     def _raw_samples(self) -> Iterator[tuple[Position, dict]]:
         config, num_shards = self.config, len(self.config.shards)
+        sizes = shard_sizes(config.shards) if self._balanced else None
         while config.num_epochs is None or self.epoch < config.num_epochs:
-            shard_ids, stride = slot_shards(num_shards, config.seed, self.epoch, self.slot, self.num_slots)
+            shard_ids, stride = slot_shards(num_shards, config.seed, self.epoch, self.slot, self.num_slots, sizes)
             self._stride = stride
             while self.shard_k < len(shard_ids):
                 shard_id, skip = shard_ids[self.shard_k], self.offset
@@ -293,6 +296,7 @@ class SlotStream:
             "num_slots": self.num_slots,
             "epoch": self.epoch,
             "cursor": [self.shard_k, self.offset],
+            "balanced": self._balanced,
             "epoch_reads": self.epoch_reads,
             "shuffle_rng": self.rng.bit_generator.state,
             "shuffle": [list(position) for position, _ in self.shuffle],
@@ -319,6 +323,7 @@ class SlotStream:
         self.bad = StreamBadCounter(snap["bad"])
         self.seen, self.batches, self.since_batch = snap["seen"], snap["batches"], snap["since_batch"]
         self.count_epoch, self.pass_size = snap.get("count_epoch", 0), snap.get("pass_size")
+        self._balanced = snap.get("balanced", False)  # the cursor indexes the split it was taken in
 
     def _restore_buffers(self, snap: dict) -> None:
         """Re-read the buffered samples by position and re-process those that sat in buckets."""

@@ -201,19 +201,11 @@ def _count_samples(path: str, mtime_ns: int, size: int) -> int:
 def _member_names(file: Any) -> Iterator[str]:
     """Names of the regular members local_tar_members would read, without reading their data."""
     end = os.fstat(file.fileno()).st_size
-    offset = 0
-    while True:
-        file.seek(offset)
-        header = _plain_ustar_header(file.read(_BLOCK))
-        if header is None:
-            break
-        name, size, is_file = header
-        offset += _BLOCK + -(-size // _BLOCK) * _BLOCK
-        if offset > end:
+    for name, _, is_file, _, next_offset in _plain_headers(file):
+        if next_offset > end:
             return
         if is_file and not _META_MEMBER.match(name):
             yield name
-    file.seek(offset)
     tar = tarfile.open(fileobj=file, mode="r:")  # noqa: SIM115 - closed with the file
     while (info := tar.next()) is not None:
         tar.members = []
@@ -318,23 +310,31 @@ def local_tar_members(
     short goes to `handler`, which ends the shard; an unreadable first header raises tarfile.ReadError.
     """
     end = os.fstat(file.fileno()).st_size
-    offset = 0
-    while True:
-        file.seek(offset)
-        header = _plain_ustar_header(file.read(_BLOCK))
-        if header is None:
-            break
-        name, size, is_file = header
-        data_offset, offset = offset + _BLOCK, offset + _BLOCK + -(-size // _BLOCK) * _BLOCK
+    for name, size, is_file, data_offset, next_offset in _plain_headers(file):
+        # select_files first: the caller's reader notes which member it is on (a truncation names it)
         selected = is_file and not _META_MEMBER.match(name) and select_files(name)
-        if offset > end:
+        if next_offset > end:
             handler(tarfile.ReadError(f"unexpected end of data in {name} ({end - data_offset} of {size} bytes)"))
             return
         if selected:
             file.seek(data_offset)
             yield {"fname": name, "data": file.read(size)}
-    file.seek(offset)
     yield from _tarfile_members(file, handler, select_files)
+
+
+def _plain_headers(file: Any) -> Iterator[tuple[str, int, bool, int, int]]:
+    """(name, size, is_file, data offset, next header's offset) of each plain ustar header from the start
+    of the file; at the first other header it stops with the file positioned there (for tarfile)."""
+    offset = 0
+    while True:
+        file.seek(offset)
+        header = _plain_ustar_header(file.read(_BLOCK))
+        if header is None:
+            file.seek(offset)
+            return
+        name, size, is_file = header
+        data_offset, offset = offset + _BLOCK, offset + _BLOCK + -(-size // _BLOCK) * _BLOCK
+        yield name, size, is_file, data_offset, offset
 
 
 _BLOCK = 512

@@ -23,7 +23,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from sgm.checkpoint.fingerprints import file_sha256, group_states, path_sha256, weight_group
+from sgm.checkpoint.fingerprints import group_states, weight_group
 from sgm.checkpoint.io import load_checkpoint, read_layout, read_metadata
 from sgm.checkpoint.lineage import LINEAGE_FILE, LineageError, part_of_group, read_lineage, restore_frozen
 from sgm.checkpoint.matching import match_file
@@ -44,7 +44,8 @@ class ModelSourceError(ValueError):
 
 @dataclass
 class LoadedModel:
-    """A model (CPU, fp32, eval, no grads), its denoiser, and what it was loaded from."""
+    """A model (CPU, fp32, eval, no grads), its denoiser, and what it was loaded from (paths, not hashes:
+    hashing a multi-GB checkpoint is left to callers that record it, e.g. the sampling CLI's PNG metadata)."""
 
     model: SDXL
     denoiser: DiscreteDenoiser
@@ -174,15 +175,12 @@ def _from_training(
     parent = (pretrained or run.get("pretrained")) if from_parent else None
     info = {
         "checkpoint": str(checkpoint_path.absolute()),
-        "sha256": path_sha256(checkpoint_path),
         "model": _name(config, run_dir),
         "weights": which,
         "global_step": checkpoint.get("global_step"),
         "seed": int(run.get("seed", 0)),
         "run_dir": str(run_dir) if run_dir else None,
-        "pretrained": {"path": str(Path(parent).absolute()), "sha256": file_sha256(parent), "parts": from_parent}
-        if parent
-        else None,
+        "pretrained": {"path": str(Path(parent).absolute()), "parts": from_parent} if parent else None,
         "prediction": prediction_of(denoiser),
     }
     if weights == "ema" and which == "raw":
@@ -264,13 +262,10 @@ def _from_official(
     denoiser = DiscreteDenoiser(VScaling() if V_PRED_KEY in layout else EpsScaling())
     info = {
         "checkpoint": str(path.absolute()),
-        "sha256": file_sha256(path),
         "model": str(config),
         "weights": stored,
         "global_step": metadata.get("sgm.global_step") or None,
-        "pretrained": {"path": str(Path(pretrained).absolute()), "sha256": file_sha256(pretrained)}
-        if missing and pretrained
-        else None,
+        "pretrained": {"path": str(Path(pretrained).absolute())} if missing and pretrained else None,
         "prediction": prediction_of(denoiser),
     }
     return LoadedModel(model, denoiser, info)

@@ -15,11 +15,21 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from sgm.checkpoint.fingerprints import file_sha256, path_sha256
 from sgm.checkpoint.io import atomic_write
 from sgm.checkpoint.model_source import LoadedModel
 
 SAMPLER_NAMES = {"euler": "Euler EDM", "dpmpp2m": "DPM++ 2M"}
 SETTINGS_KEY = "sgm"
+
+
+def with_hashes(info: dict[str, Any]) -> dict[str, Any]:
+    """A loaded model's provenance with the sha256 of its checkpoint (file or sharded directory) and of the
+    pretrained file that supplied parts: what an image records about the weights that made it."""
+    out = {**info, "sha256": path_sha256(info["checkpoint"])}
+    if info.get("pretrained"):
+        out["pretrained"] = {**info["pretrained"], "sha256": file_sha256(info["pretrained"]["path"])}
+    return out
 
 
 def settings(args: Namespace, base: LoadedModel, refiner: LoadedModel | None, dtype: str) -> dict[str, Any]:
@@ -36,14 +46,14 @@ def settings(args: Namespace, base: LoadedModel, refiner: LoadedModel | None, dt
         "crop_coords_top_left": list(args.crop_top_left),
         "target_size_as_tuple": list(args.target_size or size),
         "dtype": dtype,
-        "base": base.info,
+        "base": with_hashes(base.info),
         "refiner": None,
     }
     uses_aesthetic = any(m is not None and "aesthetic_score" in m.model.conditioner.input_keys for m in (base, refiner))
     if uses_aesthetic:
         out["aesthetic_score"], out["negative_aesthetic_score"] = args.aesthetic_score, args.negative_aesthetic_score
     if refiner is not None:
-        out["refiner"] = {**refiner.info, "strength": args.refiner_strength}
+        out["refiner"] = {**with_hashes(refiner.info), "strength": args.refiner_strength}
     return out
 
 

@@ -25,6 +25,18 @@ another shard list, seed, batch size, bucket table, world size or worker count i
 the differences listed, unless on_mismatch="restart_epoch": then every slot restarts (fresh
 buffers) at the earliest epoch any saved slot was in; samples of that epoch may be seen twice.
 
+Re-split (on_mismatch="resplit"; the refusal names `reshard_key`, e.g. resume_reshard=true): a
+state saved by another number of readers (world_size and/or num_workers, nothing else changed)
+is re-split over this run's readers (resplit.py). Every rank is given the same merged state of
+ALL old ranks, computes the same re-split and takes its own slots; `resplit_report` says what was
+done. Guarantee, with E the earliest epoch any old reader was still reading (the pass in
+progress): every sample of pass E that was not trained before the checkpoint is trained exactly
+once after the resume; no sample of pass E trained before the checkpoint is trained again in pass
+E; the only repeats are the `resplit_report["repeats"]` samples that readers running ahead had
+already taken from pass E + 1 (pass E + 1, read under the new split, has them again). The
+shuffle buffer mixes the end of pass E with the start of pass E + 1 around the resume, as at
+any epoch boundary. Bad-input totals (bad and seen by reason) carry over unchanged.
+
 What a batch holds comes from the stream's processor: `BucketedLoader` decodes images
 (samples.ImageProcessor); `SlotLoader` takes any StreamConfig, e.g. latent_loader.LatentLoader.
 
@@ -49,12 +61,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sgm.data.buckets import Bucket, bucket_table, square_table
+from sgm.data.resplit import LAYOUT_KEYS, reading_epoch, resplit_state
 from sgm.data.samples import StreamBadCounter
 from sgm.data.shard_list import expand_shards, num_slots_for
 from sgm.data.stream import FILTER_REASONS, SlotStream, StreamConfig
 
 STATE_VERSION = 1
-ON_MISMATCH = ("error", "restart_epoch")
+ON_MISMATCH = ("error", "restart_epoch", "resplit")
 MIN_SEEN_FOR_CHECK = 1000  # distinct samples before max_bad_fraction itself is judged (or one whole pass)
 EARLY_CHECK_SEEN, EARLY_CHECK_FACTOR = 100, 5  # from 100 samples, stop on more than 5 x max_bad_fraction
 
@@ -122,8 +135,10 @@ class SlotLoader:
         prefetch_factor: int = 2,
         multiprocessing_context: str | None = None,
         config_key: str = "data.max_bad_fraction",
+        reshard_key: str = "resume_reshard=true",
     ) -> None:
-        """rank/world_size default to torch.distributed's, else 0/1."""
+        """rank/world_size default to torch.distributed's, else 0/1. `config_key` and `reshard_key`
+        are what the errors tell the user to set (the bad-fraction limit; the re-split on resume)."""
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank = rank if rank is not None else (torch.distributed.get_rank() if dist else 0)
         if world_size is None:
@@ -140,6 +155,8 @@ class SlotLoader:
         self.config = config
         self.batches_per_epoch, self.max_bad_fraction = batches_per_epoch, max_bad_fraction
         self.min_seen_for_check, self.config_key = min_seen_for_check, config_key
+        self.reshard_key = reshard_key
+        self.resplit_report: dict[str, Any] | None = None  # set by load_state_dict(on_mismatch="resplit")
         self._loader_kwargs: dict[str, Any] = {"pin_memory": pin_memory}
         if num_workers > 0:  # the context: None is torch's default (fork on Linux, unless set)
             self._loader_kwargs["prefetch_factor"] = prefetch_factor
@@ -251,17 +268,44 @@ class SlotLoader:
         return {"version": STATE_VERSION, "fingerprint": self.fingerprint(), "ranks": {str(self.rank): mine}}
 
     def load_state_dict(self, state: dict[str, Any], on_mismatch: str = "error") -> None:
-        """Continue exactly where `state` (from state_dict or merge_loader_states) stopped."""
+        """Continue exactly where `state` (from state_dict or merge_loader_states) stopped.
+
+        on_mismatch (when the saved settings differ): "error" raises, listing the differences;
+        "restart_epoch" restarts every slot at the earliest saved epoch with fresh buffers;
+        "resplit" re-splits a state whose only differences are world_size and/or num_workers over
+        this run's readers (module docstring; `state` must hold every old rank), and keeps the
+        report in `self.resplit_report`. Other differences raise with "resplit" too."""
         if on_mismatch not in ON_MISMATCH:
             raise ValueError(f"on_mismatch must be one of {ON_MISMATCH}, got {on_mismatch!r}")
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state version {state.get('version')} is not {STATE_VERSION}")
-        differences = _differences(state["fingerprint"], self.fingerprint())
+        saved = state["fingerprint"]
+        differences = _differences(saved, self.fingerprint())
+        layout_only = (
+            bool(differences)
+            and all(saved.get(k) == v for k, v in self.fingerprint().items() if k not in LAYOUT_KEYS)
+            and set(saved) == set(self.fingerprint())
+        )
+        self.resplit_report = None
+        if layout_only and on_mismatch == "resplit":
+            state, self.resplit_report = resplit_state(state, self.config, self.world_size, self.num_workers)
+            differences = []
         mine = state["ranks"].get(str(self.rank))
         if not differences and mine is None:
             saved_ranks = sorted(int(r) for r in state["ranks"])
             differences = [f"the state holds ranks {saved_ranks} only, not rank {self.rank}"]
-        if differences and on_mismatch == "error":
+        if differences and layout_only and on_mismatch == "error":
+            raise ValueError(
+                "cannot resume the data loader exactly: " + "; ".join(differences) + ". The checkpoint's data "
+                f"position was saved by world_size={saved.get('world_size')} x num_workers="
+                f"{saved.get('num_workers')} readers, this run has {self.world_size} x {self.num_workers}: set "
+                f"{self.reshard_key} to re-split it over this run's readers (on_mismatch='resplit': the "
+                "unfinished pass is completed once, without skips; samples that readers running ahead took "
+                "from the next pass are counted and seen again), or resume with the saved world size and "
+                "worker count, or pass on_mismatch='restart_epoch' to restart the earliest saved epoch with "
+                "fresh buffers."
+            )
+        if differences and on_mismatch in ("error", "resplit"):
             raise ValueError(
                 "cannot resume the data loader exactly: " + "; ".join(differences) + ". Resume with the saved "
                 "settings (and every rank's state, merged with merge_loader_states), or pass "
@@ -270,7 +314,7 @@ class SlotLoader:
         self.close()
         self._exhausted = False
         if differences:  # restart_epoch: fresh buffers, every slot at the earliest saved epoch
-            epochs = [snap["epoch"] for rank in state["ranks"].values() for snap in rank["snapshots"].values()]
+            epochs = [reading_epoch(snap) for rank in state["ranks"].values() for snap in rank["snapshots"].values()]
             self._items = self._batches = self._start_item = 0
             self._snapshots, self._start_epoch = {}, min(epochs, default=0)
             return

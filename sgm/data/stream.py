@@ -46,6 +46,14 @@ read cursor, the shuffle RNG state, and the POSITIONS of the samples held in the
 bucket buffers (not their bytes). A stream built with that snapshot re-reads those samples from
 their shards, re-processes them (deterministically), and continues at the cursor, so its output
 equals the uninterrupted stream's from there on.
+
+Re-split (resplit.py: resuming on another number of slots). A re-split slot's snapshot also holds
+`pending` (buffered positions of the old slots, read first through the shuffle buffer, keeping
+their position tags) and `ranges` ([epoch, shard, start, stride, phase]: offsets >= start with
+offset % stride == phase, read next); a shard event in a range counts iff its epoch is count_epoch
+and shard % stride == phase. Its bucket buffers may start over-full (merged from several old
+slots): they emit before anything is read. Then it reads its normal epochs. Both lists shrink as
+they are read, so its snapshots resume exactly; snapshots without them load as before.
 """
 
 from __future__ import annotations
@@ -174,7 +182,11 @@ class SlotStream:
         self.bad = StreamBadCounter()
         self.seen, self.batches, self.since_batch = 0, 0, 0
         self.count_epoch, self.pass_size = start_epoch, None  # see the module docstring
-        self._stride, self._reading = False, 0  # whether the slot strides; the shard it reads
+        self.pass_epoch = start_epoch  # the epoch whose end sets pass_size (a re-split's: its first own)
+        self._stride = False  # whether the slot strides
+        self._reading = (start_epoch, slot, num_slots, slot)  # (epoch, shard, stride, phase): see _shard_event
+        self.pending: list[Position] = []  # re-split leftover (resplit.py): positions to read first,
+        self.ranges: list[list[int]] = []  # then [epoch, shard, start, stride, phase] ranges
         self._balanced = True  # split by samples where sizable; snapshots from before keep the count split
         self.shuffle: list[tuple[Position, dict]] = []
         self.buckets: dict[Hashable, list[_Processed]] = {}
@@ -189,6 +201,9 @@ class SlotStream:
         self._started = True
         if self._snapshot is not None:
             self._restore_buffers(self._snapshot)
+        for bucket in sorted(self.buckets):  # only a re-split (resplit.py) merges buckets this full
+            while self._full(bucket):
+                yield self._emit(bucket), self.snapshot()
         for position, raw in self._raw_samples():
             if self.config.shuffle_buffer <= 1:
                 yield from self._consume(position, raw)
@@ -207,6 +222,7 @@ class SlotStream:
 
     # -- reading -------------------------------------------------------------------------------
     def _raw_samples(self) -> Iterator[tuple[Position, dict]]:
+        yield from self._leftover_samples()
         config, num_shards = self.config, len(self.config.shards)
         sizes = shard_sizes(config.shards) if self._balanced else None
         while config.num_epochs is None or self.epoch < config.num_epochs:
@@ -214,7 +230,7 @@ class SlotStream:
             self._stride = stride
             while self.shard_k < len(shard_ids):
                 shard_id, skip = shard_ids[self.shard_k], self.offset
-                self._reading = shard_id
+                self._reading = (self.epoch, shard_id, self.num_slots, self.slot) if stride else (self.epoch, 0, 1, 0)
                 for offset, raw in enumerate(iter_shard(config.shards[shard_id], self._shard_event)):
                     if offset < skip:
                         continue
@@ -230,14 +246,41 @@ class SlotStream:
                     f"(bad counts so far: {self.bad.as_dict()}). Check that the shards are readable "
                     "tars, or give more samples/shards than world_size * num_workers data slots."
                 )
-            if self.epoch == self.count_epoch:
+            if self.epoch == self.pass_epoch:  # count_epoch, or after a re-split its first own epoch
                 self.pass_size = max(self.epoch_reads, 1)
             self.epoch, self.shard_k, self.offset, self.epoch_reads = self.epoch + 1, 0, 0, 0
 
+    def _leftover_samples(self) -> Iterator[tuple[Position, dict]]:
+        """A re-split's leftover (resplit.py): the pending positions (sorted by shard), then the ranges;
+        each popped once read, the first range's start kept as the cursor, so snapshots resume exactly."""
+        shards = self.config.shards
+        while self.pending:
+            shard_id = self.pending[0][1]
+            for offset, raw in enumerate(iter_shard(shards[shard_id], lambda *_: None)):
+                if not self.pending or self.pending[0][1] != shard_id:
+                    break
+                while self.pending and self.pending[0][1] == shard_id and self.pending[0][2] == offset:
+                    yield self.pending.pop(0), raw  # the same sample may wait with two epoch tags
+            if self.pending and self.pending[0][1] == shard_id:
+                raise RuntimeError(
+                    f"cannot resume: buffered sample {self.pending[0]} is gone from {shards[shard_id]}. The "
+                    "shards changed since the checkpoint; restore them or start without data state."
+                )
+        while self.ranges:
+            epoch, shard_id, start, stride, phase = self.ranges[0]
+            self._reading = (epoch, shard_id, stride, phase)
+            for offset, raw in enumerate(iter_shard(shards[shard_id], self._shard_event)):
+                if offset < start:
+                    continue
+                self.ranges[0][2] = offset + 1  # the cursor points past the sample while it is out
+                if offset % stride == phase:
+                    yield (epoch, shard_id, offset), raw
+            self.ranges.pop(0)
+
     def _shard_event(self, reason: str, detail: str) -> None:
         self.since_batch += 1
-        shard_id = self._reading if self._stride else self.slot
-        if self.epoch != self.count_epoch or shard_id % self.num_slots != self.slot:
+        epoch, shard_id, stride, phase = self._reading
+        if epoch != self.count_epoch or shard_id % stride != phase:
             return  # counted once: in the first epoch, by one slot (see the module docstring)
         _log.warning("data slot %d skips the rest of a shard (%s): %s", self.slot, reason, detail)
         self.bad.add(reason)
@@ -254,9 +297,8 @@ class SlotStream:
             if counted:
                 self.bad.add(skip.reason)
         else:
-            held = self.buckets.setdefault(sample.bucket, [])
-            held.append(sample)
-            if len(held) >= 2 * self.config.batch_size or len(_distinct(held)) >= self.config.batch_size:
+            self.buckets.setdefault(sample.bucket, []).append(sample)
+            if self._full(sample.bucket):
                 yield self._emit(sample.bucket), self.snapshot()
                 return
         if self.since_batch >= self.config.heartbeat_every:
@@ -271,6 +313,11 @@ class SlotStream:
             rng = np.random.default_rng([_SAMPLE_DOMAIN, self._seed, epoch, shard_id, offset])
         bucket, sample = self.processor.process(raw, position, rng)
         return _Processed(position, bucket, sample)
+
+    def _full(self, bucket: Hashable) -> bool:
+        """Whether the bucket holds a batch: batch_size distinct samples, or 2 x batch_size in all."""
+        held, size = self.buckets.get(bucket, []), self.config.batch_size
+        return bool(held) and (len(held) >= 2 * size or len(_distinct(held)) >= size)
 
     def _emit(self, bucket: Hashable) -> dict[str, Any]:
         """One batch of the bucket: the first of each distinct sample (up to batch_size), topped up
@@ -290,7 +337,7 @@ class SlotStream:
     # -- snapshots -----------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         """The state after the last yielded item, as plain JSON-able data."""
-        return {
+        snap = {
             "version": SNAPSHOT_VERSION,
             "slot": self.slot,
             "num_slots": self.num_slots,
@@ -308,8 +355,17 @@ class SlotStream:
             "count_epoch": self.count_epoch,
             "pass_size": self.pass_size,
             "first_pass_done": self.pass_size is not None
-            and all(position[0] != self.count_epoch for position, _ in self.shuffle),
+            and all(position[0] != self.count_epoch for position, _ in self.shuffle)
+            and all(p[0] != self.count_epoch for p in self.pending)
+            and all(r[0] != self.count_epoch for r in self.ranges),
         }
+        if self.pass_epoch != self.count_epoch:
+            snap["pass_epoch"] = self.pass_epoch
+        if self.pending:  # a re-split's leftover not read yet (absent otherwise: the format stays as it was)
+            snap["pending"] = [list(p) for p in self.pending]
+        if self.ranges:
+            snap["ranges"] = [list(r) for r in self.ranges]
+        return snap
 
     def _load_scalars(self, snap: dict) -> None:
         found = (snap.get("version"), snap.get("slot"), snap.get("num_slots"))
@@ -323,7 +379,10 @@ class SlotStream:
         self.bad = StreamBadCounter(snap["bad"])
         self.seen, self.batches, self.since_batch = snap["seen"], snap["batches"], snap["since_batch"]
         self.count_epoch, self.pass_size = snap.get("count_epoch", 0), snap.get("pass_size")
+        self.pass_epoch = snap.get("pass_epoch", self.count_epoch)
         self._balanced = snap.get("balanced", False)  # the cursor indexes the split it was taken in
+        self.pending = [tuple(p) for p in snap.get("pending", [])]
+        self.ranges = [list(r) for r in snap.get("ranges", [])]
 
     def _restore_buffers(self, snap: dict) -> None:
         """Re-read the buffered samples by position and re-process those that sat in buckets."""

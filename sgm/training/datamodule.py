@@ -5,6 +5,11 @@ save time is one batch past the last trained one. `TrackedLoader` records the lo
 each batch it hands out, and the module says which batch was trained (`mark_trained`), so the
 checkpoint holds the state right after the last trained batch: a resume trains the very next one.
 The wrapper has no state_dict of its own, so Lightning leaves the loader's state to this module.
+
+A resume on another number of readers (processes x loader workers) re-splits the saved position over
+this run's readers when `reshard` (config `resume_reshard=true`; sgm/data/resplit.py states what is
+guaranteed) and otherwise stops with a ConfigError naming that key. With `allow_changes`
+(`resume_allow_changes=true`), a position saved under other data settings restarts its pass.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ import lightning.pytorch as pl
 import torch
 
 from sgm.data.loader import SlotLoader, merge_loader_states
+from sgm.data.resplit import LAYOUT_KEYS
+from sgm.training.preflight import ConfigError
+from sgm.training.progress import LOGGER
 
 
 class TrackedLoader:
@@ -52,9 +60,10 @@ class TrackedLoader:
 class SDXLDataModule(pl.LightningDataModule):
     """Builds the data partial (a SlotLoader config) with this rank's global_rank and world_size."""
 
-    def __init__(self, loader: Callable[..., SlotLoader]) -> None:
+    def __init__(self, loader: Callable[..., SlotLoader], reshard: bool = False, allow_changes: bool = False) -> None:
         super().__init__()
         self.make_loader = loader
+        self.reshard, self.allow_changes = reshard, allow_changes
         self.tracked: TrackedLoader | None = None
         self.trained_batches = 0
         self._pending_state: dict[str, Any] | None = None
@@ -111,7 +120,34 @@ class SDXLDataModule(pl.LightningDataModule):
     def _apply_pending(self) -> None:
         if self._pending_state is None or self.tracked is None:
             return
-        self.tracked.loader.load_state_dict(self._pending_state)
+        loader, saved = self.tracked.loader, self._pending_state
+        layout = {key: saved["fingerprint"].get(key) for key in LAYOUT_KEYS}
+        current = {key: loader.fingerprint()[key] for key in LAYOUT_KEYS}
+        if layout != current and not self.reshard:
+            raise ConfigError(
+                "resume_reshard",
+                f"the checkpoint's data position was saved by {layout['world_size']} process(es) x "
+                f"{layout['num_workers']} loader worker(s), this run has {current['world_size']} x "
+                f"{current['num_workers']}",
+                "resume_reshard=true continues on this run's processes (the unfinished pass is re-split over "
+                "them: no sample skipped or repeated in it), or resume with the saved trainer.devices / "
+                "trainer.num_nodes / data.num_workers",
+            )
+        try:
+            loader.load_state_dict(saved, on_mismatch="resplit" if self.reshard else "error")
+        except ValueError:
+            if not self.allow_changes:
+                raise
+            loader.load_state_dict(saved, on_mismatch="restart_epoch")  # data settings changed: restart the pass
+            if self.trainer is None or self.trainer.global_rank == 0:
+                LOGGER.warning("the data settings changed since the checkpoint: the data pass in progress restarts")
+        report = loader.resplit_report
+        if report and (self.trainer is None or self.trainer.global_rank == 0):
+            LOGGER.info(
+                f"data position re-split from {report['old_slots']} to {report['new_slots']} readers: "
+                f"{report['leftover_samples']} sample(s) left in pass {report['epoch']} are trained once each; "
+                f"{report['repeats']} sample(s) already trained from the next pass will be seen again"
+            )
         self.tracked.yielded = 0
         self.tracked.states.clear()
         self.trained_batches = 0

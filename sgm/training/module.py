@@ -5,12 +5,20 @@ eval mode, no grads, not in the optimizer or the EMA and, by default, not in the
 (`state_dict` keeps the trained parts, their EMA and the denoiser's table). The frozen parts come from
 the sources the run recorded (sgm/checkpoint/lineage.py), on resume and in every later load.
 What differs between strategies (wrapping, sharded weights, steps) is the parallel plan's business (sgm/parallel).
+
+Randomness is a function of the batch, not of history: every draw a training batch makes (the VAE
+posterior sample, the noise level and noise, caption and embedding dropout, dropout layers) comes from
+the global RNGs reseeded for that batch from (seed, rank, index of the batch in the run), inside a fork
+that leaves the RNGs outside the step as they were. The index is saved in every checkpoint
+(`sgm_batches_trained`), so a resumed run draws what the uninterrupted run drew at the same batch: with
+the loader's position, the optimizer, LR-schedule and EMA state, it trains the same steps bit for bit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from hashlib import sha256
 from typing import Any
 
 import lightning.pytorch as pl
@@ -29,6 +37,13 @@ from sgm.training.optim import build_optimizer, check_optimizer_name
 from sgm.training.trainable import TrainableSet
 
 BATCH_META_KEYS = ("__key__", "__url__")
+BATCHES_TRAINED = "sgm_batches_trained"  # checkpoint key: training batches (micro-batches) run so far
+
+
+def batch_seed(seed: int, rank: int, index: int) -> int:
+    """The seed of training batch `index` on `rank` (63 bits): independent streams per rank and batch."""
+    digest = sha256(f"sgm-batch:{seed}:{rank}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 class NonFiniteLossError(RuntimeError):
@@ -66,12 +81,14 @@ class SDXLTrainingModule(pl.LightningModule):
         save_frozen_parts: bool = False,
         offload_frozen: bool = False,
         trainable: TrainableSet | Mapping[str, Any] | None = None,
+        seed: int = 0,
     ) -> None:
         """`loss` is a partial of DiffusionLoss missing its denoiser (the module owns the denoiser,
         so its `sigmas` table moves with the module). `ema_decay=None` turns the EMA off.
         `offload_frozen` keeps the frozen VAE and text encoders on the CPU once fit starts (they then only
         embed sample prompts and decode samples): for cached latents + text embeddings on a small GPU.
-        `trainable`: the parts that train and their lr / weight decay (`module.trainable`; None: the UNet)."""
+        `trainable`: the parts that train and their lr / weight decay (`module.trainable`; None: the UNet).
+        `seed`: the run's seed, from which each training batch's randomness is drawn (see the module docstring)."""
         super().__init__()
         self.model = model
         self.trainable = trainable if isinstance(trainable, TrainableSet) else TrainableSet(trainable)
@@ -99,6 +116,7 @@ class SDXLTrainingModule(pl.LightningModule):
         self.offload_frozen = offload_frozen
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
+        self.seed, self.batches_trained = int(seed), 0
 
     def trained_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """(state_dict key, parameter) of every parameter that trains: what the EMA averages."""
@@ -162,6 +180,11 @@ class SDXLTrainingModule(pl.LightningModule):
         restored by load_state_dict (or by the strategy)."""
         nonfinite = checkpoint.get("sgm_nonfinite_total")
         self.nonfinite_total = int(nonfinite or 0)
+        batches = checkpoint.get(BATCHES_TRAINED)  # older checkpoints: one batch per step and rank
+        accumulate = max(int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1), 1) if self._trainer else 1
+        self.batches_trained = (
+            int(batches) if batches is not None else int(checkpoint.get("global_step", 0)) * accumulate
+        )
         saved = list(checkpoint.get("sgm_trainable") or ["unet"])  # older checkpoints trained the UNet
         if sorted(saved) != sorted(self.trainable.names):
             raise ValueError(
@@ -173,6 +196,7 @@ class SDXLTrainingModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["sgm_nonfinite_total"] = self.nonfinite_total
         checkpoint["sgm_trainable"] = list(self.trainable.names)
+        checkpoint[BATCHES_TRAINED] = self.batches_trained
 
     # -- training ------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> SDXLTrainingModule:
@@ -226,7 +250,22 @@ class SDXLTrainingModule(pl.LightningModule):
             )
         return self.encode(batch["jpg"])
 
+    @contextmanager
+    def batch_randomness(self) -> Iterator[None]:
+        """The RNGs seeded for the next training batch (see the module docstring), restored afterwards.
+        Gradient checkpointing replays the forward's RNG state in the backward, so its draws match."""
+        seed = batch_seed(self.seed, self.global_rank, self.batches_trained)
+        self.batches_trained += 1
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
+        with self.batch_randomness():
+            return self._train_batch(batch)
+
+    def _train_batch(self, batch: Mapping[str, Any]) -> Tensor | None:
         latents = self.batch_latents(batch)
         cond_batch = {k: v for k, v in batch.items() if k not in ("jpg", "latents", *BATCH_META_KEYS)}
         cond = self.model.condition(cond_batch, apply_dropout=True)

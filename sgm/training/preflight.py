@@ -35,6 +35,7 @@ RESUMABLE_CHANGES = (
     "run_dir",
     "resume",
     "resume_allow_changes",
+    "resume_reshard",
     "trainer.max_steps",
     "trainer.devices",
     "trainer.num_nodes",
@@ -277,6 +278,45 @@ def check_resume(cfg: DictConfig, checkpoint: str | None) -> None:
             f"{checkpoint} was trained with other settings (its {recorded}):\n" + "\n".join(shown) + "\n",
             "name=<new run> starts a fresh run, or resume_allow_changes=true continues this one with the new settings",
         )
+
+
+def check_resume_layout(cfg: DictConfig, checkpoint: str | None) -> None:
+    """Refuse (unless resume_reshard) to continue a checkpoint whose data position was saved by another number
+    of processes or loader workers than this run would have (where the config says how many: trainer.devices
+    as a count or list, trainer.num_nodes); other cases are caught when the position is restored."""
+    if checkpoint is None or cfg.get("resume_reshard"):
+        return
+    from sgm.parallel.entries import read_checkpoint_entries
+
+    fingerprint = (read_checkpoint_entries(checkpoint).get("SDXLDataModule") or {}).get("loader", {}).get("fingerprint")
+    processes = planned_processes(cfg)
+    if not fingerprint or processes is None:
+        return
+    saved = (fingerprint.get("world_size"), fingerprint.get("num_workers"))
+    planned = (processes, int(cfg.data.get("num_workers") or 0))
+    if saved != planned:
+        raise ConfigError(
+            "resume_reshard",
+            f"{checkpoint} was saved by {saved[0]} process(es) x {saved[1]} loader worker(s); this run has "
+            f"{planned[0]} x {planned[1]}",
+            "resume_reshard=true continues on this run's processes (the unfinished data pass is re-split over "
+            "them: none of its samples skipped or repeated), or resume with the saved trainer.devices / "
+            "trainer.num_nodes / data.num_workers",
+        )
+
+
+def planned_processes(cfg: DictConfig) -> int | None:
+    """trainer.devices x trainer.num_nodes where the config gives a count (an int or a device list); else None."""
+    devices, nodes = cfg.trainer.get("devices", "auto"), cfg.trainer.get("num_nodes", 1)
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
+        devices = len(devices)
+    elif devices == "auto" and cfg.trainer.get("accelerator") == "cpu":
+        devices = 1
+    if not _is_int(devices) or devices < 1 or not _is_int(nodes):
+        return None
+    return devices * nodes
 
 
 def _resumable(key: str) -> bool:

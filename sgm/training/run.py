@@ -30,7 +30,15 @@ from sgm.training.checkpoint_io import AtomicCheckpointIO, SafeModelCheckpoint
 from sgm.training.datamodule import SDXLDataModule
 from sgm.training.loggers import describe_logger
 from sgm.training.preemption import Preempted, slurm_callbacks, slurm_plugins
-from sgm.training.preflight import ConfigError, check_config, check_data, check_resume, hydra_context, user_errors
+from sgm.training.preflight import (
+    ConfigError,
+    check_config,
+    check_data,
+    check_resume,
+    check_resume_layout,
+    hydra_context,
+    user_errors,
+)
 from sgm.training.progress import (
     LOGGER,
     ProgressLog,
@@ -92,7 +100,7 @@ def build_module(cfg: DictConfig, resume_from: str | None = None) -> pl.Lightnin
         restore_frozen(model, source_run, record, skip=record.get("trained") or ())
     elif cfg.get("pretrained"):
         load_pretrained(model, cfg.pretrained, cfg.get("pretrained_parts"))
-    return instantiate(cfg.module, model=model)
+    return instantiate(cfg.module, model=model, seed=cfg.seed)
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
@@ -183,11 +191,16 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> di
     except ValueError as error:  # a checkpoint of the wrong kind for the strategy (the message names the fix)
         raise ConfigError("resume", str(error)) from None
     check_resume(cfg, ckpt_path)
+    check_resume_layout(cfg, ckpt_path)
     done = finished_outputs(cfg, run_dir, ckpt_path)
     if done is not None:
         return done
     module = build_module(cfg, ckpt_path)
-    datamodule = SDXLDataModule(instantiate(cfg.data))
+    datamodule = SDXLDataModule(
+        instantiate(cfg.data),
+        reshard=bool(cfg.get("resume_reshard")),
+        allow_changes=bool(cfg.get("resume_allow_changes")),
+    )
     trainer = build_trainer(cfg, run_dir, extra_callbacks)
     log_file = None
     if trainer.global_rank == 0:

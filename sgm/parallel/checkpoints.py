@@ -21,12 +21,28 @@ from typing import Any
 from sgm.checkpoint.io import atomic_write
 
 COMPLETE_MARKER = "sgm_complete"
+LATEST_UNIVERSAL = "latest_universal"  # DeepSpeed's tag file of a universal checkpoint (sgm.parallel.reshard)
+MODULE_STATE_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO-2, ZeRO-3
 
 
 def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
     """Whether `path` is a sharded (DeepSpeed) checkpoint directory: a `latest` tag file and the shards' folder."""
     path = Path(path)
     return path.is_dir() and (path / "latest").is_file()
+
+
+def module_state_file(path: str | os.PathLike) -> Path:
+    """Rank 0's module-state file of a DeepSpeed checkpoint directory (sharded or universal): the module's
+    whole-model entries and Lightning's own (step, loops, callbacks, the data position)."""
+    path = Path(path)
+    tag_file = path / LATEST_UNIVERSAL if (path / LATEST_UNIVERSAL).is_file() else path / "latest"
+    tag_dir = path / tag_file.read_text().strip()
+    for name in MODULE_STATE_FILES:
+        if (tag_dir / name).is_file():
+            return tag_dir / name
+    raise FileNotFoundError(
+        f"{tag_dir} holds no rank-0 module state ({MODULE_STATE_FILES[0]}); is the checkpoint complete?"
+    )
 
 
 def save_training_checkpoint(trainer: Any, filepath: str | os.PathLike, weights_only: bool = False) -> None:

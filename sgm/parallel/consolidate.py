@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from sgm.parallel.checkpoints import is_sharded_checkpoint
+from sgm.parallel.checkpoints import is_sharded_checkpoint, module_state_file
 
 # DeepSpeed's own entries in a module-state file, left out of the Lightning checkpoint dict it holds
 DEEPSPEED_KEYS = (
@@ -40,6 +40,7 @@ DEEPSPEED_KEYS = (
     "checkpoint_parallel_dimensions",
     "ds_version",
 )
+WEIGHT_ENTRIES = ("state_dict", "optimizer_states", "module", "optimizer")  # left out by read_checkpoint_entries
 WRAPPER_PREFIX = "_forward_module."  # older Lightning wrapped the module before handing it to DeepSpeed
 
 
@@ -66,11 +67,10 @@ def consolidate_deepspeed_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         )
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    tag_dir = path / (path / "latest").read_text().strip()
-    model_files = [tag_dir / "mp_rank_00_model_states.pt", tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"]
-    model_file = next((f for f in model_files if f.is_file()), None)
-    if model_file is None:
-        raise ValueError(f"{tag_dir} holds no rank-0 module state ({model_files[0].name}); is the checkpoint complete?")
+    try:
+        model_file = module_state_file(path)
+    except FileNotFoundError as error:
+        raise ValueError(str(error)) from None
     with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every step
         weights = get_fp32_state_dict_from_zero_checkpoint(str(path))
     saved = torch.load(model_file, map_location="cpu", weights_only=False)
@@ -78,3 +78,19 @@ def consolidate_deepspeed_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     ema = {k: v for k, v in saved["module"].items() if k.removeprefix(WRAPPER_PREFIX).startswith("ema.")}
     checkpoint["state_dict"] = {k.removeprefix(WRAPPER_PREFIX): v for k, v in {**weights, **ema}.items()}
     return checkpoint
+
+
+def read_checkpoint_entries(path: str | os.PathLike) -> dict[str, Any]:
+    """Lightning's entries of a training checkpoint (step, loops, callbacks, the data position) without its
+    weights or optimizer state, for checks before a run starts: the `.ckpt` file or a DeepSpeed directory's
+    rank-0 module-state file is memory-mapped, so its tensors are not read. {} when there is no such file."""
+    path = Path(path)
+    if is_sharded_checkpoint(path):
+        try:
+            path = module_state_file(path)
+        except FileNotFoundError:
+            return {}
+    if not path.is_file():
+        return {}
+    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    return {key: value for key, value in saved.items() if key not in WEIGHT_ENTRIES}

@@ -97,6 +97,11 @@ class ParallelPlan:
             f"{device_type}: it needs {spec.needs}; or choose module.optimizer=adamw / adafactor / adamw8bit"
         )
 
+    def reshard_for_resume(self, path: str | os.PathLike, world_size: int) -> os.PathLike | str:
+        """What to pass to `trainer.fit(ckpt_path=...)` to resume `path` on `world_size` processes (set the
+        strategy up for it where needed). A `.ckpt` file loads on any world size: `path` itself."""
+        return path
+
     def check_fits(self, path: str | os.PathLike) -> None:
         """Fail early, naming the fix, when the checkpoint at `path` cannot be resumed under this strategy."""
         if is_sharded_checkpoint(path):

@@ -5,7 +5,8 @@ micro-batches itself, so the optimizer really steps only on some `optimizer_step
 gradient norm comes from the engine after its step; a step cannot be skipped; 0-dim parameters
 cannot be broadcast; under ZeRO-3 the weights are partitioned (reading them is a chunked gather on
 every rank, rank 0 cannot sample alone, and resumed weights arrive from the optimizer shards after
-`load_state_dict`); checkpoints are directories of per-rank shards.
+`load_state_dict`); checkpoints are directories of per-rank shards, resumed on another number of ranks
+through their universal form (`reshard_for_resume`, sgm.parallel.reshard).
 """
 
 from __future__ import annotations
@@ -109,6 +110,23 @@ class DeepSpeedPlan(ParallelPlan):
         return self.stage != 3  # rank 0 holds only its partition of each weight: a forward alone would hang
 
     # -- checkpoints ---------------------------------------------------------------------------
+    def reshard_for_resume(self, path: str | os.PathLike, world_size: int) -> os.PathLike | str:
+        """`path` when it was saved by `world_size` ranks (or loads on any); else its universal form
+        (`prepare_resharded`: converted once, safe on every rank), with the plan's strategy set up to load
+        it (`use_universal_checkpoint`). Call before `trainer.fit`, on every rank."""
+        from sgm.parallel.reshard import prepare_resharded, saved_world_size, use_universal_checkpoint
+
+        saved = saved_world_size(path)
+        if saved is None or saved == world_size:
+            return path
+        if self.strategy is None:
+            raise ValueError(
+                f"{path} needs resharding from {saved} to {world_size} ranks: make the plan from the trainer's strategy"
+            )
+        prepared = prepare_resharded(path, world_size)
+        use_universal_checkpoint(self.strategy)
+        return prepared
+
     def check_fits(self, path: str | os.PathLike) -> None:
         if Path(path).is_file():
             raise ValueError(

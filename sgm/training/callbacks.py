@@ -1,8 +1,9 @@
 """Callbacks: validation samples for fixed prompts and seeds, throughput and data-wait logging,
-a checkpoint when bad data stops the run."""
+a checkpoint when bad data stops the run, the clean-up of a re-sharded checkpoint copy."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -14,7 +15,7 @@ import torch
 
 from sgm.data.loader import TooManyBadSamples
 from sgm.inference import generate_latents, image_grid, latents_to_uint8
-from sgm.parallel import plan_for, save_training_checkpoint
+from sgm.parallel import COMPLETE_MARKER, newest_checkpoint, plan_for, save_training_checkpoint
 
 
 class SampleImages(pl.Callback):
@@ -182,3 +183,30 @@ class CheckpointOnBadData(pl.Callback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         save_training_checkpoint(trainer, self.path)
         exception.checkpoint = f"{self.path} (step {trainer.global_step})"
+
+
+class RemoveReshardedCopy(pl.Callback):
+    """Rank 0 deletes `copy`, the re-sharded (universal) form of the checkpoint a run resumed from on another
+    world size (sgm.parallel.reshard; for SDXL tens of GB), once the run has completed a checkpoint of its own."""
+
+    def __init__(self, checkpoint_dir: str | Path, copy: Path | None = None) -> None:
+        super().__init__()
+        self.checkpoint_dir, self.copy = Path(checkpoint_dir), copy
+        self.started_ns = time.time_ns()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._remove_once_superseded(trainer)  # Lightning runs checkpoint callbacks last: look before the next batch
+
+    def on_fit_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._remove_once_superseded(trainer)
+
+    def _remove_once_superseded(self, trainer: pl.Trainer) -> None:
+        if self.copy is None or trainer.global_rank != 0:
+            return
+        newest = newest_checkpoint(self.checkpoint_dir)
+        if newest is None:
+            return
+        completed = newest / COMPLETE_MARKER if newest.is_dir() else newest
+        if completed.stat().st_mtime_ns >= self.started_ns:
+            shutil.rmtree(self.copy, ignore_errors=True)
+            self.copy = None

@@ -135,9 +135,11 @@ class SDXLDataModule(pl.LightningDataModule):
             )
         try:
             loader.load_state_dict(saved, on_mismatch="resplit" if self.reshard else "error")
-        except ValueError:
+        except ValueError as error:
             if not self.allow_changes:
-                raise
+                raise ConfigError(
+                    "resume", str(error).split(". ")[0], "resume_allow_changes=true restarts the data pass in progress"
+                ) from None
             loader.load_state_dict(saved, on_mismatch="restart_epoch")  # data settings changed: restart the pass
             if self.trainer is None or self.trainer.global_rank == 0:
                 LOGGER.warning("the data settings changed since the checkpoint: the data pass in progress restarts")

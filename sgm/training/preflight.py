@@ -286,7 +286,7 @@ def check_resume_layout(cfg: DictConfig, checkpoint: str | None) -> None:
     as a count or list, trainer.num_nodes); other cases are caught when the position is restored."""
     if checkpoint is None or cfg.get("resume_reshard"):
         return
-    from sgm.parallel.entries import read_checkpoint_entries
+    from sgm.parallel import read_checkpoint_entries
 
     fingerprint = (read_checkpoint_entries(checkpoint).get("SDXLDataModule") or {}).get("loader", {}).get("fingerprint")
     processes = planned_processes(cfg)

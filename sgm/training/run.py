@@ -25,7 +25,13 @@ from sgm.checkpoint.pretrained import load_pretrained, require_pretrained_file
 from sgm.diffusion.samplers import DPMPP2MSampler
 from sgm.models.build import build_model
 from sgm.parallel import check_fits_strategy, newest_checkpoint, plan_for
-from sgm.training.callbacks import BatchKeyLog, CheckpointOnBadData, SampleImages, ThroughputMonitor
+from sgm.training.callbacks import (
+    BatchKeyLog,
+    CheckpointOnBadData,
+    RemoveReshardedCopy,
+    SampleImages,
+    ThroughputMonitor,
+)
 from sgm.training.checkpoint_io import AtomicCheckpointIO, SafeModelCheckpoint
 from sgm.training.datamodule import SDXLDataModule
 from sgm.training.loggers import describe_logger
@@ -201,7 +207,14 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> di
         reshard=bool(cfg.get("resume_reshard")),
         allow_changes=bool(cfg.get("resume_allow_changes")),
     )
+    fit_path = ckpt_path
+    if ckpt_path and cfg.get("resume_reshard"):  # another world size: the plan says what loads there
+        resharding = RemoveReshardedCopy(run_dir / "checkpoints")
+        extra_callbacks = [*(extra_callbacks or []), resharding]
     trainer = build_trainer(cfg, run_dir, extra_callbacks)
+    if ckpt_path and cfg.get("resume_reshard"):
+        fit_path = str(plan_for(trainer.strategy).reshard_for_resume(ckpt_path, trainer.world_size))
+        resharding.copy = Path(fit_path) if fit_path != ckpt_path else None
     log_file = None
     if trainer.global_rank == 0:
         log_file = start_run_dir(cfg, run_dir)
@@ -216,7 +229,7 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> di
             LOGGER.info(f"resuming from {ckpt_path}")
     try:
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=fit_path)
         except Preempted:  # checkpointed and requeued: the requeued job resumes (resume=auto)
             return {}
         if trainer.global_rank != 0:

@@ -1,7 +1,8 @@
 """Resume on another number of processes (`resume_reshard=true`): 1 -> 2 -> 1 processes under DDP through
 `python train.py` on CPU (gloo), the data position re-split each time (sgm/data/resplit.py; its exact
 sample guarantee is tested in tests/test_data_resplit.py). Without the key the resume stops with one
-message naming it, before anything is written. DeepSpeed ZeRO-2/3: tests/test_parallel_reshard.py."""
+message naming it, before anything is written. DeepSpeed ZeRO-2/3: tests/test_parallel_reshard.py, and ZeRO-2 2 -> 1 through train.py in
+tests/test_training_exact_resume.py."""
 
 from __future__ import annotations
 
@@ -96,29 +97,3 @@ def test_the_data_module_resplits_only_when_asked_and_restarts_the_pass_on_allow
     allowed.setup("fit")
     allowed.load_state_dict(changed)
     assert sorted(k for batch in allowed.train_dataloader() for k in batch["__key__"]) == sorted(all_keys(shards))
-
-
-@pytest.mark.slow
-def test_zero2_run_continues_on_one_process_through_train_py(tmp_path, shards):
-    """2 -> 1 under DeepSpeed ZeRO-2: the universal form is made, loaded, and removed once the run saved its own."""
-    run_dir = tmp_path / "run"
-    zero2 = [
-        "strategy=deepspeed_zero2",
-        "trainer.strategy._target_=sgm.parallel.deepspeed_cpu.CPUDeepSpeedStrategy",
-        "trainer.accelerator=cpu",
-        "module.ema_decay=0.9",
-    ]
-
-    def run(steps: int, devices: int, *extra: str):
-        overrides = fast_overrides(run_dir, shards, max_steps=steps, every=2) + zero2
-        return train_cli([*overrides, f"trainer.devices={devices}", *extra], timeout=400)
-
-    first = run(2, 2)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    shrunk = run(4, 1, "resume_reshard=true")
-    assert shrunk.returncode == 0, shrunk.stdout[-3000:] + shrunk.stderr[-3000:]
-    assert "re-split from 2 to 1 readers" in shrunk.stdout
-    last = read_training_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    assert last["global_step"] == 4 and int(last["state_dict"]["ema.num_updates"]) == 4
-    assert loader_ranks(run_dir) == ["0"]
-    assert not (run_dir / "checkpoints" / "last.universal").exists()  # the converted copy is gone after the save

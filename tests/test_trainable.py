@@ -63,6 +63,24 @@ def test_unet_and_a_text_encoder_train_with_their_own_settings():
     assert all(p.grad is None for p in module.model.conditioner.embedders[0].parameters())
 
 
+def test_both_text_encoders_train_every_weight_their_forward_uses_and_nothing_else():
+    """CLIP-L's last block and final LayerNorm (SDXL reads its penultimate states) and bigG's logit_scale stay
+    frozen and out of the optimizer; every weight in the optimizer gets a gradient (what DDP requires)."""
+    module = make_module(trainable={"unet": None, "text_encoder_0": None, "text_encoder_1": None})
+    optimizer = optimizer_of(module)
+    clip_l = module.model.conditioner.embedders[0]
+    unused = set(clip_l.unused_parameter_names())
+    last = len(clip_l.model.transformer.resblocks) - 1
+    assert unused and all(n.startswith((f"model.transformer.resblocks.{last}.", "model.ln_final.")) for n in unused)
+    assert not any(p.requires_grad for n, p in clip_l.named_parameters() if n in unused)
+    latents = torch.randn(2, 4, 8, 8)
+    cond = module.model.condition(tiny_batch(2, size=64))
+    module.loss_fn(module.model.unet, latents, cond).mean().backward()
+    in_optimizer = [p for group in optimizer.param_groups for p in group["params"]]
+    assert [g["name"] for g in optimizer.param_groups] == ["unet", "text_encoder_0", "text_encoder_1"]
+    assert all(p.grad is not None for p in in_optimizer)
+
+
 def test_checkpoint_round_trip_and_a_changed_trainable_set():
     trained = make_module(ema_decay=0.9, trainable=UNET_AND_TEXT_ENCODER)
     with torch.no_grad():

@@ -80,6 +80,11 @@ class _TextTower(nn.Module):
     def device(self) -> torch.device:
         return self.model.token_embedding.weight.device
 
+    def unused_parameter_names(self) -> list[str]:
+        """Parameters the forward never uses (kept for the official layout): they get no gradient, so a trained
+        tower leaves them out of the optimizer (DDP refuses parameters without gradients)."""
+        return []
+
     def tokenize(self, texts: Sequence[str]) -> Tensor:
         """Captions -> [B, context_length] int64 ids on the tower's device."""
         tokens = self.tokenizer(texts)
@@ -136,6 +141,12 @@ class CLIPTextEmbedder(_TextTower):
         penultimate, _ = self.run_blocks(self._tokens(texts), through_last=False)
         return penultimate
 
+    def unused_parameter_names(self) -> list[str]:
+        """The last block and the final LayerNorm: SDXL takes CLIP-L's penultimate hidden states."""
+        last = len(self.model.transformer.resblocks) - 1
+        prefixes = (f"model.transformer.resblocks.{last}.", "model.ln_final.")
+        return [name for name, _ in self.named_parameters() if name.startswith(prefixes)]
+
     def to_official(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Own keys -> official keys under `conditioner.embedders.N.` (HF naming, q/k/v split)."""
         return clip_l_to_official(state_dict, self.model.positional_embedding.shape[0])
@@ -177,6 +188,10 @@ class OpenCLIPTextEmbedder(_TextTower):
         final = self.model.ln_final(last)
         eot = final[torch.arange(final.shape[0], device=final.device), tokens.argmax(dim=-1)]
         return penultimate, eot @ self.model.text_projection
+
+    def unused_parameter_names(self) -> list[str]:
+        """`logit_scale`: only CLIP's contrastive loss uses it."""
+        return ["model.logit_scale"]
 
     def to_official(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Our keys are already the official ones (relative to `conditioner.embedders.N.`)."""

@@ -12,9 +12,10 @@ optimizer, the EMA or the training checkpoint (on resume and every later load it
 the run recorded, sgm/checkpoint/lineage.py). The optimizer takes one parameter group per part; the EMA averages
 `named_parameters`; the checkpoint keeps `state_prefixes`; each checkpoint records `names`.
 
-Not settled yet (the text-encoder issue): under DDP, text-encoder layers whose outputs SDXL does
-not use (CLIP ViT-L's last block) get no gradient, which DDP rejects unless unused parameters are
-allowed; and cached text embeddings cannot train a text encoder (the module refuses them).
+A trained text encoder trains what its forward uses: weights kept only for the official layout (CLIP
+ViT-L's last block and final LayerNorm, SDXL taking its penultimate states; bigG's `logit_scale`) stay
+frozen, so no parameter goes without a gradient (DDP refuses that). Cached text embeddings cannot train
+a text encoder (the module refuses them).
 
 Adapters (LoRA) belong here too: a part's settings will name an adapter (rank, target layers); the set
 then injects it into that part and hands out the adapter's parameters, not the part's own weights,
@@ -110,13 +111,14 @@ class TrainableSet:
     def apply(self, model: SDXL) -> None:
         """Freeze everything outside the set (eval mode, no grads); the set's weights take grads.
 
-        0-dim parameters of a trained part (OpenCLIP's unused `logit_scale`) stay frozen."""
+        Parameters of a trained part that its forward never uses (`unused_parameter_names`) stay frozen."""
         for module in self.frozen_modules(model):
             module.eval()
             module.requires_grad_(False)
         for module in self.modules(model).values():
-            for param in module.parameters():
-                param.requires_grad_(param.dim() > 0 and param.is_floating_point())
+            unused = set(getattr(module, "unused_parameter_names", list)())
+            for name, param in module.named_parameters():
+                param.requires_grad_(name not in unused and param.dim() > 0 and param.is_floating_point())
 
     def keep_frozen_in_eval(self, model: SDXL) -> None:
         """After `train()` on the whole model: the frozen parts back in eval mode."""

@@ -95,3 +95,54 @@ def assign_bucket(height: int, width: int, table: Sequence[Bucket]) -> int:
 def _check_size(height: int, width: int) -> None:
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive, got (h, w) = ({height}, {width})")
+
+
+# -- no upscaling (bucket_no_upscale) --------------------------------------------------------------
+NO_UPSCALE_MIN_SIDE = 256  # like kohya's min_bucket_reso: no bucket side below this (or the table's smallest side)
+NO_UPSCALE_MAX_MULTIPLE = 64
+
+
+def no_upscale_grid(table: Sequence[Bucket]) -> tuple[int, int]:
+    """(multiple, min_side) of the smaller buckets `no_upscale_bucket` makes for `table`.
+
+    multiple: the table's own side granularity (gcd of its sides), at most 64: 64 for the SDXL
+    tables from 512 up, 32 below, 64 for a square 256 or 512 stage. min_side: NO_UPSCALE_MIN_SIDE,
+    or the table's smallest side when that is smaller (a 128 px table: 64), rounded down to the
+    multiple and at least one multiple."""
+    if not table:
+        raise ValueError("bucket table is empty")
+    multiple = min(NO_UPSCALE_MAX_MULTIPLE, math.gcd(*(side for bucket in table for side in bucket)))
+    smallest = min(min(bucket) for bucket in table)
+    min_side = max(multiple, min(NO_UPSCALE_MIN_SIDE, smallest) // multiple * multiple)
+    return multiple, min_side
+
+
+def no_upscale_bucket(height: int, width: int, bucket: Bucket, multiple: int, min_side: int) -> Bucket:
+    """The bucket an image of (height, width) pixels is trained at without being upscaled.
+
+    `bucket` is the table's bucket for the image's aspect ratio. When the image covers it (both
+    sides at least the bucket's), it is kept. Otherwise the bucket is scaled by
+    s = min(height / bh, width / bw), the largest scale at which the image still covers it, and
+    each side is rounded to the nearest multiple of `multiple` but never past the image's side
+    rounded down to that multiple: the result lies inside the image (which is only downscaled, or
+    kept, to cover it) and keeps the bucket's aspect ratio up to that rounding. A bucket whose
+    shorter side would fall below `min_side` becomes the smallest bucket of that aspect (shorter
+    side min_side, the other rounded to the nearest multiple): an image smaller than that is
+    still upscaled to it, as kohya's bucket_no_upscale does at min_bucket_reso. Exact integer
+    arithmetic, so the choice never depends on float rounding.
+    """
+    _check_size(height, width)
+    bucket_h, bucket_w = bucket
+    if height >= bucket_h and width >= bucket_w:
+        return bucket_h, bucket_w
+    scale = min(Fraction(height, bucket_h), Fraction(width, bucket_w))
+    limits = (height // multiple * multiple, width // multiple * multiple)
+    shorter = min(bucket_h, bucket_w)
+    if shorter * scale < min_side:  # below the smallest bucket of this aspect: no image limit
+        scale, limits = Fraction(min_side, shorter), (bucket_h, bucket_w)
+
+    def side(length: int, limit: int) -> int:
+        nearest = math.floor(length * scale / multiple + Fraction(1, 2)) * multiple
+        return max(multiple, min(nearest, limit, length))
+
+    return side(bucket_h, limits[0]), side(bucket_w, limits[1])

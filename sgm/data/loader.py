@@ -62,7 +62,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sgm.data.buckets import Bucket, bucket_table, square_table
 from sgm.data.resplit import LAYOUT_KEYS, reading_epoch, resplit_state
-from sgm.data.samples import StreamBadCounter
+from sgm.data.samples import ImageProcessor, StreamBadCounter
 from sgm.data.shard_list import expand_shards, num_slots_for
 from sgm.data.stream import FILTER_REASONS, SlotStream, StreamConfig
 
@@ -346,11 +346,13 @@ class BucketedLoader(SlotLoader):
         heartbeat_every: int = 1000,
         default_aesthetic_score: float | None = None,
         draft_decode: bool = True,
+        bucket_no_upscale: bool = False,
         **loader_options: Any,
     ) -> None:
         """Give exactly one of base_resolution (SDXL multi-aspect table), square_size (one square
-        bucket) or buckets. `loader_options` are SlotLoader's (num_workers, rank, world_size,
-        batches_per_epoch, max_bad_fraction, ...)."""
+        bucket) or buckets. `bucket_no_upscale`: images smaller than their bucket go to a smaller
+        bucket of the same aspect instead of being upscaled (samples.ImageProcessor). `loader_options`
+        are SlotLoader's (num_workers, rank, world_size, batches_per_epoch, max_bad_fraction, ...)."""
         if sum(x is not None for x in (base_resolution, square_size, buckets)) != 1:
             raise ValueError(
                 "give exactly one of data.base_resolution (multi-aspect buckets), data.square_size "
@@ -360,21 +362,26 @@ class BucketedLoader(SlotLoader):
             table = bucket_table(base_resolution)
         else:
             table = square_table(square_size) if square_size is not None else list(buckets or [])
+        image = {
+            "buckets": tuple(tuple(int(s) for s in b) for b in table),
+            "flip_probability": flip_probability,
+            "crop": crop,
+            "bucket_by": bucket_by,
+            "min_size": min_size,
+            "max_pixels": max_pixels,
+            "default_aesthetic_score": default_aesthetic_score,
+            "draft_decode": draft_decode,
+        }
+        if bucket_no_upscale:  # the processor holds the image settings (and fingerprints them)
+            image = {"buckets": (), "processor": ImageProcessor(**image, bucket_no_upscale=True)}
         config = StreamConfig(
             shards=tuple(expand_shards(shards)),
-            buckets=tuple(tuple(int(s) for s in b) for b in table),
             batch_size=batch_size,
             seed=seed,
             shuffle_buffer=shuffle_buffer,
-            flip_probability=flip_probability,
-            crop=crop,
-            bucket_by=bucket_by,
-            min_size=min_size,
-            max_pixels=max_pixels,
             num_epochs=num_epochs,
             heartbeat_every=heartbeat_every,
-            default_aesthetic_score=default_aesthetic_score,
-            draft_decode=draft_decode,
+            **image,
         )
         super().__init__(config, **loader_options)
 

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from sgm.data.buckets import assign_bucket
+from sgm.data.buckets import assign_bucket, no_upscale_bucket, no_upscale_grid
 from sgm.data.crop import CROP_MODES, CroppedSample, covering_size, resize_and_crop
 from sgm.data.decode import BadSample, decode_image_draft
 from sgm.data.shard_list import LOADER_BAD_REASONS, LoaderBadCounter
@@ -153,6 +153,16 @@ class ImageProcessor:
     image that gets cropped; the optional `min_size` filter tests the recorded original size.
     `draft_decode` (with bucket_by="decoded") decodes a JPEG at least twice its cover-resize size at
     1/2..1/8 scale (decode.py); the recorded sizes and crop are exactly the full decode's.
+
+    `bucket_no_upscale`: an image whose decoded pixels do not cover its bucket is not upscaled
+    to it; it goes to a smaller bucket of (about) the same aspect ratio that it does cover, each
+    side rounded down to the table's grid (buckets.no_upscale_bucket / no_upscale_grid: 64 px
+    for the SDXL tables from 512 up, never a side below 256 px or the table's smallest side).
+    The bucket key is then the bucket's (h, w) itself, for every sample, so a batch still holds
+    one size; `target_size_as_tuple` is that bucket, `original_size_as_tuple` and the crop are
+    recorded as always. Off (the default), keys are table indices and nothing changes; on, every
+    setting is part of `fingerprint()` (so states saved without it still resume when it is off).
+    Used through StreamConfig(buckets=(), processor=ImageProcessor(..., bucket_no_upscale=True)).
     """
 
     buckets: tuple[tuple[int, int], ...]
@@ -164,6 +174,7 @@ class ImageProcessor:
     default_aesthetic_score: float | None = None
     draft_decode: bool = True
     needs_rng: bool = True
+    bucket_no_upscale: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -197,11 +208,24 @@ class ImageProcessor:
         )
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"kind": "image"}  # its settings are StreamConfig fields, fingerprinted there
+        if not self.bucket_no_upscale:
+            return {"kind": "image"}  # its settings are StreamConfig fields, fingerprinted there
+        # used as StreamConfig.processor: its settings are fingerprinted here (draft_decode left out, as there)
+        return {
+            "kind": "image",
+            "buckets": [list(b) for b in self.buckets],
+            "crop": self.crop,
+            "flip_probability": self.flip_probability,
+            "bucket_by": self.bucket_by,
+            "min_size": self.min_size,
+            "max_pixels": self.max_pixels,
+            "default_aesthetic_score": self.default_aesthetic_score,
+            "bucket_no_upscale": True,
+        }
 
     def process(
         self, raw: dict[str, Any], position: Position, rng: np.random.Generator | None
-    ) -> tuple[int, ImageSample]:
+    ) -> tuple[Hashable, ImageSample]:
         """Decode, pick the bucket, resize and crop one raw sample; raises Skip(reason)."""
         if "__duplicate__" in raw:
             raise Skip("duplicate_member")
@@ -225,10 +249,10 @@ class ImageProcessor:
         original = json_original_size(meta, quarter_turned) or decoded
         if self.min_size is not None and min(original) < self.min_size:
             raise Skip("too_small")
-        bucket = assign_bucket(*(decoded if self.bucket_by == "decoded" else original), self.buckets)
+        bucket, bucket_hw = self._bucket(decoded, original)
         crop = resize_and_crop(
             image,
-            self.buckets[bucket],
+            bucket_hw,
             crop=self.crop,
             flip_probability=self.flip_probability,
             rng=rng,
@@ -239,9 +263,17 @@ class ImageProcessor:
         score = aesthetic_score(meta, self.default_aesthetic_score)
         return bucket, ImageSample(raw["__key__"], caption, crop, score)
 
+    def _bucket(self, decoded: tuple[int, int], original: tuple[int, int]) -> tuple[Hashable, tuple[int, int]]:
+        """(bucket key, bucket (h, w)) for an image of `decoded` upright pixels (see the class docstring)."""
+        index = assign_bucket(*(decoded if self.bucket_by == "decoded" else original), self.buckets)
+        if not self.bucket_no_upscale:
+            return index, self.buckets[index]
+        smaller = no_upscale_bucket(*decoded, self.buckets[index], *no_upscale_grid(self.buckets))
+        return smaller, smaller
+
     def _needed_size(self, height: int, width: int) -> tuple[int, int]:
         """The upright (h, w) an image of full upright size (h, w) is resized to (draft decoding)."""
-        return covering_size(height, width, *self.buckets[assign_bucket(height, width, self.buckets)])
+        return covering_size(height, width, *self._bucket((height, width), (height, width))[1])
 
     def collate(self, samples: Sequence[ImageSample]) -> dict[str, Any]:
         def sizes(name: str) -> torch.Tensor:

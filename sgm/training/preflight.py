@@ -59,6 +59,7 @@ MISSING_FIXES = {
     "name": "name=<run> (the run's folder: outputs/runs/<run>; only the demo experiment sets one)",
     "data.shards": "data.shards='<folder>/*.tar'",
     "pretrained": "pretrained=/path/to/model.safetensors",
+    "data.folder": "data.folder=/path/to/images (jpg/png/webp with same-name .txt captions; sub-folders included)",
 }
 
 _ABSENT = object()

@@ -9,7 +9,16 @@ import torch
 from hydra.utils import instantiate
 from training_utils import compose_train
 
-from sgm.benchmarks.memory_estimate import GIB, SETUPS, _GPULikeForward, activation_bytes, estimate, main, model_counts
+from sgm.benchmarks.memory_estimate import (
+    GIB,
+    LORA_SETUPS,
+    SETUPS,
+    _GPULikeForward,
+    activation_bytes,
+    estimate,
+    main,
+    model_counts,
+)
 from sgm.models.build import load_model_config
 from sgm.training.run import build_module
 
@@ -120,6 +129,8 @@ def test_cli_prints_a_labelled_table_and_json(tmp_path, capsys):
     assert payload["settings"]["resolution"] == 256 and len(payload["estimates"]) == len(SETUPS)
     for e in payload["estimates"]:
         assert e["total"] == max(e["forward_peak"], e["backward_peak"]) + e["overhead"]
+    assert main(["--model", "tiny", "--resolution", "256", "--lora-rank", "4", "--text-encoder-lora-rank", "2"]) == 0
+    assert "lora_r4_no_ckpt" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", ["finetune_24gb", "finetune_24gb_zero2_offload"])
@@ -140,3 +151,49 @@ def test_preset_without_the_users_checkpoint_says_which_setting(tmp_path, monkey
     cfg = compose_train(["experiment=finetune_24gb", "model=tiny"])
     with pytest.raises(FileNotFoundError, match=r"pretrained=sd_xl_base_1.0.safetensors: no such file"):
         build_module(cfg)
+
+
+# -- LoRA ------------------------------------------------------------------------------------------------
+LORA = {setup.name: setup for setup in LORA_SETUPS}
+
+
+def test_adapter_count_is_what_apply_lora_creates():
+    """The estimate's adapter parameters = those apply_lora builds (tiny model, real CPU weights)."""
+    from conftest import fresh_tiny_model
+
+    from sgm.benchmarks.memory_estimate import Setup, lora_parts
+    from sgm.models.lora import apply_lora
+
+    setup = Setup("t", "bf16-mixed", "adamw", cached=False, trainable=lora_parts(4, "attn_mlp", 2), base_bf16=True)
+    counts = model_counts("tiny", 256, 1, (setup,))
+    info = counts["passes"][next(iter(counts["passes"]))]
+    network = apply_lora(fresh_tiny_model(), setup.lora)
+    assert info["adapter_params"] == info["trained_params"] == sum(p.numel() for p in network.parameters()) > 0
+
+
+@pytest.fixture(scope="module")
+def lora_counts():
+    return model_counts("sdxl_base", 1024, 1, tuple(LORA.values()))
+
+
+def test_lora_estimates_fit_their_gpus_and_beat_the_full_unet(lora_counts, counts):
+    totals = {name: estimate(s, counts=lora_counts).total / GIB for name, s in LORA.items()}
+    assert totals["lora_24gb"] < 24 - 1 and totals["lora_12gb"] < 12 - 1  # with headroom
+    assert totals["lora_24gb_bf16base"] < totals["lora_24gb"]
+    assert totals["lora_24gb_no_te"] < totals["lora_24gb"] and totals["lora_12gb"] < totals["lora_12gb_te"]
+    assert totals["lora_24gb_no_ckpt"] > totals["lora_24gb"] and totals["lora_12gb_no_ckpt"] > totals["lora_12gb"]
+    full = estimate(BY_NAME["bf16_adamw"], counts=counts)
+    assert all(estimate(s, counts=lora_counts).weights < full.weights / 20 for s in LORA.values())
+    assert totals["lora_12gb"] < full.total / GIB and totals["lora_24gb"] < full.total / GIB
+
+
+@pytest.mark.parametrize("name", ["lora_24gb", "lora_12gb"])
+def test_lora_preset_configs_are_the_estimated_setups(name):
+    from sgm.training.trainable import TrainableSet
+
+    setup, cfg = LORA[name], compose_train([f"experiment={name}"])
+    assert setup.config == f"experiment={name}" and cfg.model == load_model_config("sdxl_base")
+    assert cfg.data.batch_size == setup.batch_size and cfg.trainer.precision == setup.precision
+    assert cfg.module.gradient_checkpointing is True and cfg.module.optimizer == setup.optimizer
+    parts = TrainableSet(cfg.module.trainable).parts
+    assert {n: (p.mode, p.lora) for n, p in parts.items()} == {p.name: (p.mode, p.lora) for p in setup.trainable}

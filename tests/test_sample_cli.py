@@ -199,3 +199,82 @@ def test_bad_files_exit_with_one_message(tmp_path, files, trained):
     lone.write_bytes(trained["ckpt"].read_bytes())
     with pytest.raises(SystemExit, match="pass --model NAME"):
         sample(tmp_path, lone)
+
+
+# --- LoRA adapters (--lora FILE[:SCALE]) -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory, files):
+    """Two kohya files for the tiny base with non-zero lora_up (a fresh adapter changes nothing); the
+    first one's name holds a ':' (the scale is parsed from the last ':' only when it is a number)."""
+    from sgm.checkpoint.kohya import save_lora_file
+    from sgm.models.lora import LoRAConfig, apply_lora
+
+    folder = tmp_path_factory.mktemp("loras")
+    model = load_model(files["base"], model_config="tiny").model
+    out = {}
+    for seed, (name, parts) in enumerate(
+        {
+            "style:a.safetensors": {"unet": LoRAConfig(rank=2, targets="locon"), "text_encoder_0": LoRAConfig(rank=2)},
+            "b.safetensors": {"unet": LoRAConfig(rank=2, targets="attn"), "text_encoder_1": LoRAConfig(rank=2)},
+        }.items()
+    ):
+        network = apply_lora(model, parts)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for module in network.values():
+                module.lora_up.weight.copy_(torch.randn(module.lora_up.weight.shape, generator=gen) * 0.5)
+        out[name.split(".")[0].split(":")[-1]] = save_lora_file(network, folder / name, dtype=torch.float32)
+        network.remove()
+    foreign = folder / "foreign.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_nowhere.lora_down.weight": torch.zeros(2, 4), "some.other.key": torch.zeros(1)}, foreign)
+    out["foreign"] = foreign
+    return out
+
+
+def test_parse_lora_takes_the_scale_from_the_last_colon_only_when_it_is_a_number():
+    from sgm.inference.cli import parse_lora
+
+    assert parse_lora("a.safetensors") == ("a.safetensors", 1.0)
+    assert parse_lora("a.safetensors:0.5") == ("a.safetensors", 0.5)
+    assert parse_lora("dir:x/a.safetensors:-1e-1") == ("dir:x/a.safetensors", -0.1)
+    assert parse_lora(r"C:\loras\a.safetensors") == (r"C:\loras\a.safetensors", 1.0)
+    assert parse_lora(r"C:\loras\a.safetensors:2") == (r"C:\loras\a.safetensors", 2.0)
+    assert parse_lora("a.safetensors:nan") == ("a.safetensors:nan", 1.0)
+
+
+def test_lora_at_scale_zero_changes_nothing_and_adapters_are_recorded(tmp_path, files, loras):
+    plain = sample(tmp_path, files["base"], name="plain")
+    zero = sample(tmp_path, files["base"], "--lora", f"{loras['a']}:0", name="zero")
+    assert np.array_equal(plain[0], zero[0])
+    meta = read_settings(next((tmp_path / "zero").glob("*.png")))
+    assert meta["loras"] == [
+        {"path": str(loras["a"]), "scale": 0.0, "sha256": hashlib.sha256(loras["a"].read_bytes()).hexdigest()}
+    ]
+    assert read_settings(next((tmp_path / "plain").glob("*.png")))["loras"] == []
+    assert "LoRA: style:a:0 (" in Image.open(next((tmp_path / "zero").glob("*.png"))).text["parameters"]
+
+
+def test_loras_change_the_image_and_several_apply(tmp_path, files, loras):
+    plain = sample(tmp_path, files["base"], name="plain")[0]
+    a = sample(tmp_path, files["base"], "--lora", str(loras["a"]), name="a")[0]  # no scale: 1
+    b = sample(tmp_path, files["base"], "--lora", f"{loras['b']}:1.5", name="b")[0]
+    both = sample(tmp_path, files["base"], "--lora", str(loras["a"]), "--lora", f"{loras['b']}:1.5", name="ab")[0]
+    images = [plain, a, b, both]
+    assert all(not np.array_equal(x, y) for i, x in enumerate(images) for y in images[i + 1 :])
+    meta = read_settings(next((tmp_path / "ab").glob("*.png")))
+    assert [(m["path"], m["scale"]) for m in meta["loras"]] == [(str(loras["a"]), 1.0), (str(loras["b"]), 1.5)]
+
+
+def test_a_foreign_lora_file_exits_2_with_one_message(tmp_path, files, loras, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sample(tmp_path, files["base"], "--lora", str(loras["foreign"]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {loras['foreign']} does not fit this model.") and err.count("error:") == 1
+    assert "Traceback" not in err and "unknown keys" in err and "module names this model lacks" in err
+    with pytest.raises(SystemExit, match="LoRA file not found"):
+        sample(tmp_path, files["base"], "--lora", str(tmp_path / "missing.safetensors:0.5"))

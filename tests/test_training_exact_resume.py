@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fresh_tiny_model
 from safetensors.torch import load_file
 from training_utils import REPO, fast_overrides, make_shards, train_cli
 
+from sgm.models.lora import LoRAConfig, apply_lora
 from sgm.parallel import read_training_checkpoint
 from sgm.training.callbacks import read_batch_keys
 
@@ -81,10 +83,13 @@ def kill_at_random_moments(overrides: list[str], run_dir: Path, kills: int, rng:
 def check_bit_identical(reference: Path, resumed: Path) -> None:
     """The exports (EMA weights, every tensor), the last checkpoints' raw weights + EMA, and the optimizer state."""
     assert read_batch_keys(reference / "batch_keys.tsv") == read_batch_keys(resumed / "batch_keys.tsv")  # rank 0's
-    a, b = load_file(reference / "test_full.safetensors"), load_file(resumed / "test_full.safetensors")
-    assert a.keys() == b.keys()
-    differ = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not differ, f"{len(differ)} of {len(a)} exported tensors differ, e.g. {differ[:3]}"
+    exports = sorted(p.name for p in reference.glob("test_*.safetensors"))  # test_full and/or test_lora
+    assert exports and exports == sorted(p.name for p in resumed.glob("test_*.safetensors"))
+    for name in exports:
+        a, b = load_file(reference / name), load_file(resumed / name)
+        assert a.keys() == b.keys()
+        differ = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not differ, f"{name}: {len(differ)} of {len(a)} exported tensors differ, e.g. {differ[:3]}"
     first = read_training_checkpoint(reference / "checkpoints" / "last.ckpt")
     second = read_training_checkpoint(resumed / "checkpoints" / "last.ckpt")
     assert first["global_step"] == second["global_step"] == STEPS
@@ -146,15 +151,27 @@ def test_single_process_with_a_worker_killed_repeatedly_resumes_bit_exact(tmp_pa
     run_killed_and_uninterrupted(tmp_path, shards, ["data.num_workers=1"], kills=3, seed=1)
 
 
+def lora_keys(parts: dict[str, LoRAConfig]) -> set[str]:
+    """The kohya keys a LoRA of these parts has on the tiny model."""
+    return set(apply_lora(fresh_tiny_model(), parts).state_dict())
+
+
 @pytest.mark.slow
 def test_two_process_ddp_killed_repeatedly_resumes_bit_exact(tmp_path, shards):
-    """Training CLIP-L too (its own lr): under DDP every weight in the optimizer must get a gradient."""
-    run_killed_and_uninterrupted(tmp_path, shards, [*DDP, "+module.trainable.text_encoder_0={lr:1.0e-5}"], 1, seed=2)
+    """A UNet LoRA beside CLIP-L trained in full at its own lr (both files exported, both bit-identical):
+    under DDP every weight in the optimizer must get a gradient, adapters included."""
+    modes = [
+        "module.trainable.unet={mode:lora,lora:{rank:4,targets:attn_mlp}}",
+        "+module.trainable.text_encoder_0={lr:1.0e-5}",
+    ]
+    killed = run_killed_and_uninterrupted(tmp_path, shards, [*DDP, *modes], 1, seed=2)
+    assert set(load_file(killed / "test_lora.safetensors")) == lora_keys({"unet": LoRAConfig(4, targets="attn_mlp")})
+    assert (killed / "test_full.safetensors").is_file()  # CLIP-L trained in full: the full file too
 
 
 @pytest.mark.slow
 def test_zero2_killed_mid_save_resumes_bit_exact_then_continues_on_one_process(tmp_path, shards):
-    """ZeRO-2 on 2 processes, killed mid-save: bit-exact. Then the same run on 1 process (resume_reshard=true,
+    """A LoRA (UNet + bigG adapters) under ZeRO-2 on 2 processes, killed mid-save: bit-exact. Then the same run on 1 process (resume_reshard=true,
     through train.py): DeepSpeed's universal form is made, loaded and removed once the run saved its own
     checkpoint, and the data position is re-split (exactness of both: test_parallel_reshard.py,
     test_data_resplit.py)."""
@@ -163,7 +180,15 @@ def test_zero2_killed_mid_save_resumes_bit_exact_then_continues_on_one_process(t
         "trainer.strategy._target_=sgm.parallel.deepspeed_cpu.CPUDeepSpeedStrategy",
         "trainer.accelerator=cpu",
     ]
+    lora = [
+        "module.trainable.unet={mode:lora,lora:{rank:4,targets:attn_mlp}}",
+        "+module.trainable.text_encoder_1={mode:lora,lora:{rank:2}}",
+    ]
+    zero2 += lora
     killed = run_killed_and_uninterrupted(tmp_path, shards, [*zero2, "trainer.devices=2"], kills=0, seed=3)
+    expected = lora_keys({"unet": LoRAConfig(4, targets="attn_mlp"), "text_encoder_1": LoRAConfig(2)})
+    assert set(load_file(killed / "test_lora.safetensors")) == expected  # the key set DDP's LoRA has, + bigG's
+    assert not (killed / "test_full.safetensors").exists()  # adapters only: the base is the run's recorded one
     overrides = fast_overrides(killed, shards, STEPS + 2, EVERY) + EXACT + zero2
     shrunk = train_cli([*overrides, "trainer.devices=1", "resume=auto", "resume_reshard=true"], timeout=300)
     assert shrunk.returncode == 0, shrunk.stdout[-3000:] + shrunk.stderr[-3000:]

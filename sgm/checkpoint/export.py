@@ -55,3 +55,42 @@ def export_model(
     loaded = load_model(source, parts=parts, weights=weights, pretrained=pretrained, model_config=model_config)
     path = export_loaded(loaded, out_path, parts, dtype)
     return {"path": str(path), "weights": loaded.info["weights"], "parts": list(parts), "prediction": loaded.prediction}
+
+
+def export_adapter(
+    checkpoint: str | os.PathLike, out_path: str | os.PathLike, weights: str = "ema", dtype: torch.dtype | None = None
+) -> dict[str, Any] | None:
+    """Write the LoRA adapters a run trained (its training checkpoint `checkpoint`) as one kohya .safetensors
+    file that ComfyUI, A1111/Forge and diffusers load, with the base model's fingerprints (the run's
+    lineage), the step and the training config as metadata; None when the run trained no adapters."""
+    from omegaconf import OmegaConf
+
+    from sgm.checkpoint.kohya import network_from_state, save_lora_file
+    from sgm.checkpoint.lineage import read_lineage
+    from sgm.checkpoint.model_source import RUN_CONFIG, run_dir_of
+    from sgm.checkpoint.training_ckpt import read_checkpoint, trained_adapters
+    from sgm.models.build import build_model
+
+    saved = read_checkpoint(checkpoint)
+    adapters = trained_adapters(saved, weights)
+    if not adapters:
+        return None
+    run_dir = run_dir_of(Path(checkpoint))
+    if run_dir is None:
+        raise ValueError(f"{checkpoint} is not inside its run directory: its model config is unknown")
+    run = OmegaConf.load(run_dir / RUN_CONFIG)
+    network = network_from_state(build_model(run.model, device="meta"), adapters, str(checkpoint))
+    lineage = read_lineage(run_dir) or {}
+    trainable = OmegaConf.to_container(run.module.get("trainable") or {}, resolve=True)
+    metadata = {
+        "sgm.config": {k: (v or {}).get("lora") for k, v in trainable.items() if (v or {}).get("mode") == "lora"},
+        "sgm.base_fingerprint": lineage.get("weights_at_start", {}),
+        "sgm.base_model": str(run.get("pretrained") or "initialised from the run's seed"),
+        "sgm.steps": int(saved.get("global_step") or 0),
+        "sgm.weights": "ema"
+        if weights == "ema" and any(k.startswith("ema.adapters.") for k in saved["state_dict"])
+        else "raw",
+        "sgm.training_config": OmegaConf.to_yaml(run),
+    }
+    path = save_lora_file(network, out_path, metadata, dtype=dtype)
+    return {"path": str(path), "weights": metadata["sgm.weights"], "modules": len(network)}

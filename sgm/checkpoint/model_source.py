@@ -29,7 +29,7 @@ from sgm.checkpoint.lineage import LINEAGE_FILE, LineageError, part_of_group, re
 from sgm.checkpoint.matching import match_file
 from sgm.checkpoint.official_layout import PARTS, V_PRED_KEY, check_parts, part_of_key
 from sgm.checkpoint.pretrained import load_pretrained
-from sgm.checkpoint.training_ckpt import TrainingCheckpointError, read_checkpoint, trained_weights
+from sgm.checkpoint.training_ckpt import TrainingCheckpointError, read_checkpoint, trained_adapters, trained_weights
 from sgm.diffusion.denoiser import DiscreteDenoiser, EpsScaling, VScaling
 from sgm.models.build import build_model, load_model_config, shipped_model_configs
 from sgm.models.sdxl import SDXL
@@ -170,6 +170,7 @@ def _from_training(
             f"{result.unexpected_keys[:3]} ...; load it with the run's own config"
         )
     _check_shapes(model, wanted_trained, checkpoint_path)
+    adapters = merge_trained_adapters(model, trained_adapters(checkpoint, weights), wanted, str(checkpoint_path))
     denoiser = instantiate(run.module.denoiser) if run.get("module") else DiscreteDenoiser(EpsScaling())
     from_parent = [g for g in restored if record["frozen"][g]["source"] == "pretrained"] if restored else []
     parent = (pretrained or run.get("pretrained")) if from_parent else None
@@ -183,9 +184,27 @@ def _from_training(
         "pretrained": {"path": str(Path(parent).absolute()), "parts": from_parent} if parent else None,
         "prediction": prediction_of(denoiser),
     }
+    if adapters:
+        info["lora_merged"] = adapters
     if weights == "ema" and which == "raw":
         print(f"[sgm] note: {checkpoint_path} has no EMA weights; loading its raw weights", flush=True)
     return LoadedModel(model, denoiser, info)
+
+
+def merge_trained_adapters(model: SDXL, adapters: dict[str, torch.Tensor], wanted: Iterable[str], source: str) -> int:
+    """Bake a run's LoRA adapters (kohya-keyed) into the wanted parts of `model` at scale 1; how many merged."""
+    from sgm.checkpoint.kohya import network_from_state
+
+    prefixes = tuple(p for part, p in (("unet", "lora_unet_"), ("text_encoders", "lora_te")) if part in wanted)
+    chosen = {k: v for k, v in adapters.items() if k.startswith(prefixes)} if prefixes else {}
+    if not chosen:
+        return 0
+    try:
+        network = network_from_state(model, chosen, source)
+    except ValueError as error:
+        raise ModelSourceError(str(error)) from None
+    network.merge_into(model)
+    return len(network)
 
 
 def _run_model_config(

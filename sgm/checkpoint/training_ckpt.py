@@ -17,6 +17,7 @@ from torch import Tensor
 from sgm.parallel import is_sharded_checkpoint, read_training_checkpoint
 
 MODEL_PREFIX = "model."  # where the training module holds the SDXL model
+ADAPTER_PREFIX = "adapters."  # where it holds LoRA adapters: adapters.<kohya name>.lora_down.weight ...
 EMA_PREFIX = "ema."  # the EMA of a trained weight: "ema." + its module key
 LEGACY_EMA_PREFIX = "ema.shadow."  # earlier checkpoints: the UNet-only EMA, "ema.shadow.<unet key>"
 WEIGHTS = ("ema", "raw")
@@ -60,6 +61,8 @@ def trained_weights(checkpoint: dict[str, Any], weights: str = "ema") -> tuple[d
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     state = checkpoint["state_dict"]
     raw = {k[len(MODEL_PREFIX) :]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
+    if not raw and any(k.startswith(ADAPTER_PREFIX) for k in state):
+        return {}, weights if weights == "raw" else ("ema" if any(k.startswith(EMA_PREFIX) for k in state) else "raw")
     if not raw:
         raise TrainingCheckpointError(
             "the checkpoint holds no 'model.*' weights; is it a training checkpoint of this project?"
@@ -69,3 +72,17 @@ def trained_weights(checkpoint: dict[str, Any], weights: str = "ema") -> tuple[d
     if weights == "ema" and ema:
         return {**raw, **{k: v for k, v in ema.items() if k in raw}}, "ema"
     return raw, "raw"
+
+
+def trained_adapters(checkpoint: dict[str, Any], weights: str = "ema") -> dict[str, Tensor]:
+    """The checkpoint's LoRA adapters as a kohya state dict (`<name>.lora_down.weight`, `.lora_up.weight`,
+    `.alpha`), their EMA where asked and present; {} when the run trained no adapters."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    state = checkpoint["state_dict"]
+    adapters = {k[len(ADAPTER_PREFIX) :]: v for k, v in state.items() if k.startswith(ADAPTER_PREFIX)}
+    averaged = EMA_PREFIX + ADAPTER_PREFIX
+    ema = {k[len(averaged) :]: v for k, v in state.items() if k.startswith(averaged)}
+    if weights == "ema" and ema:
+        adapters.update({k: v for k, v in ema.items() if k in adapters})
+    return adapters

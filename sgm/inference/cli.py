@@ -1,13 +1,16 @@
 """Generate images from a checkpoint, optionally handing the base model's latents to a refiner.
 
     python -m sgm.sample CKPT --prompt "a red heart" [--prompt ...] [--out outputs/samples] \
-        [--refiner REFINER_CKPT --refiner-strength 0.15] [--sampler dpmpp2m --steps 50 --guidance 5 --seed 0]
+        [--lora LORA.safetensors[:SCALE] ...] [--refiner REFINER_CKPT --refiner-strength 0.15] \
+        [--sampler dpmpp2m --steps 50 --guidance 5 --seed 0]
 
 CKPT is a run directory (its newest checkpoint), a training checkpoint (a run's checkpoints/*.ckpt; EMA
 weights unless --raw) or an official-layout .safetensors (exported or released), all loaded through
 sgm.checkpoint.model_source.load_model (a run's frozen parts come from the sources it recorded). Image i (prompts in order, each repeated
 --images-per-prompt times) uses seed + i, whatever the batch size, so any image can be made again
 alone. Each PNG carries its settings as JSON under the "sgm" text key plus a readable "parameters".
+Each --lora (kohya LoRA / LoCon file, scale default 1) is applied to the base model, not the refiner; a file
+that does not fit the model exits with code 2 and one message.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from sgm.checkpoint.kohya import LoRAFileError, apply_lora_file
 from sgm.checkpoint.model_source import LoadedModel, load_model
 from sgm.diffusion.discretization import sampling_sigmas
 from sgm.diffusion.img2img import img2img_sigmas
@@ -36,6 +41,36 @@ class SampleInputError(ValueError):
 
 SAMPLERS = {"euler": EulerEDMSampler, "dpmpp2m": DPMPP2MSampler}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LORA_EXIT_CODE = 2  # a LoRA file that does not fit the model
+
+
+def parse_lora(value: str) -> tuple[str, float]:
+    """`FILE[:SCALE]` -> (FILE, SCALE): the text after the last ':' is the scale only when it is a finite
+    number, so paths holding ':' (C:\\loras\\x.safetensors) need no scale; the scale defaults to 1."""
+    path, sep, tail = value.rpartition(":")
+    if sep and path:
+        try:
+            scale = float(tail)
+        except ValueError:
+            pass
+        else:
+            if math.isfinite(scale):
+                return path, scale
+    return value, 1.0
+
+
+def lora_arg(value: str) -> tuple[str, float]:
+    """argparse type for --lora."""
+    path, scale = parse_lora(value)
+    if not path:
+        raise argparse.ArgumentTypeError(f"{value!r}: give FILE or FILE:SCALE")
+    return path, scale
+
+
+def report_lora_error(error: LoRAFileError) -> SystemExit:
+    """One message on stderr, no traceback; the SystemExit to raise carries exit code 2."""
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    return SystemExit(LORA_EXIT_CODE)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -46,6 +81,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--pretrained", help="official file supplying the parts CKPT lacks (text encoders, VAE)")
     p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA ones (training checkpoints)")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        type=lora_arg,
+        metavar="FILE[:SCALE]",
+        help="kohya LoRA / LoCon .safetensors applied to the base model at SCALE (default 1); repeatable. "
+        "With --refiner the adapters apply to the base model only, never to the refiner",
+    )
     p.add_argument("--prompt", action="append", default=[], help="repeat for several prompts")
     p.add_argument("--prompts-file", type=Path, help="one prompt per line (blank lines skipped)")
     p.add_argument("--negative-prompt", default="", help="empty: the base model's unconditional text is zeroed")
@@ -205,15 +249,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             args.refiner, weights=weights, model_config=args.refiner_model, pretrained=args.refiner_pretrained
         )
     check_size(args, [m for m in (base, refiner) if m is not None])
+    networks = [apply_lora_file(base.model, path, scale).eval() for path, scale in args.lora]
     for role, loaded in (("base", base), ("refiner", refiner)):
         if loaded is not None:
             info = loaded.info
             print(f"[sgm] {role}: {info['model']} from {info['checkpoint']} (weights: {info['weights']})", flush=True)
+    for (path, scale), network in zip(args.lora, networks):
+        print(f"[sgm] LoRA: {path} at scale {scale:g} ({len(network)} modules on {', '.join(network.parts)})")
     dtype_name = args.dtype if args.dtype != "auto" else ("bf16" if args.device.startswith("cuda") else "fp32")
     for loaded in (base, refiner):
         if loaded is not None:
             to_device(loaded, args.device, DTYPES[dtype_name])
-    shared = settings(args, base, refiner, dtype_name)
+    for network in networks:
+        network.to(args.device, torch.float32)  # adapters in fp32 whatever the model's dtype
+    shared = settings(args, base, refiner, dtype_name, loras=args.lora)
     jobs = [(i, p) for i, p in enumerate(p for p in prompts for _ in range(args.images_per_prompt))]
     args.out.mkdir(parents=True, exist_ok=True)
     written, images = [], []
@@ -244,6 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = run(args)
+    except LoRAFileError as error:  # a LoRA that does not fit the model: exit code 2
+        raise report_lora_error(error) from None
     except (ValueError, FileNotFoundError) as error:  # user-caused: one message, no traceback
         raise SystemExit(f"error: {error}") from None
     print(f"[sgm] wrote {len(result['images'])} image(s) to {args.out}/ (settings in each PNG's 'sgm' text key)")

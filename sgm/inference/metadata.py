@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from argparse import Namespace
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,20 @@ def with_hashes(info: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def settings(args: Namespace, base: LoadedModel, refiner: LoadedModel | None, dtype: str) -> dict[str, Any]:
-    """What every image of this run shares (the per-image prompt, seed and index are added later)."""
+def lora_info(path: str | os.PathLike, scale: float) -> dict[str, Any]:
+    """A LoRA applied to the base model as an image records it: path, scale and sha256 (as with_hashes)."""
+    return {"path": str(Path(path).absolute()), "scale": float(scale), "sha256": file_sha256(path)}
+
+
+def settings(
+    args: Namespace,
+    base: LoadedModel,
+    refiner: LoadedModel | None,
+    dtype: str,
+    loras: Sequence[tuple[str | os.PathLike, float]] = (),
+) -> dict[str, Any]:
+    """What every image of this run shares (the per-image prompt, seed and index are added later).
+    loras: the (file, scale) adapters applied to the base model, in order."""
     size = [args.height, args.width]
     out = {
         "negative_prompt": args.negative_prompt,
@@ -47,6 +60,7 @@ def settings(args: Namespace, base: LoadedModel, refiner: LoadedModel | None, dt
         "target_size_as_tuple": list(args.target_size or size),
         "dtype": dtype,
         "base": with_hashes(base.info),
+        "loras": [lora_info(path, scale) for path, scale in loras],
         "refiner": None,
     }
     uses_aesthetic = any(m is not None and "aesthetic_score" in m.model.conditioner.input_keys for m in (base, refiner))
@@ -72,6 +86,8 @@ def parameters_text(meta: dict[str, Any]) -> str:
         ("Model hash", meta["base"]["sha256"][:10]),
         ("Weights", meta["base"]["weights"]),
     ]
+    for lora in meta.get("loras") or ():
+        fields.append(("LoRA", f"{Path(lora['path']).stem}:{lora['scale']:g} ({lora['sha256'][:10]})"))
     if meta["refiner"]:
         fields += [
             ("Refiner", meta["refiner"]["model"]),

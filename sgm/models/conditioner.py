@@ -95,6 +95,7 @@ class Conditioner(nn.Module):
         if not 0.0 <= caption_dropout_rate <= 1.0:
             raise ValueError(f"caption_dropout_rate must lie in [0, 1], got {caption_dropout_rate}")
         self.embedders = nn.ModuleList(modules)
+        self.grad_through: set[int] = set()  # frozen embedders that gradients pass through (LoRA adapters in them)
         self.input_keys = keys
         self.ucg_rates = rates
         self.caption_dropout_rate = float(caption_dropout_rate)
@@ -139,7 +140,7 @@ class Conditioner(nn.Module):
                     f"conditioner needs batch key '{key}' for {type(module).__name__}; the batch has {sorted(batch)}"
                 )
             else:
-                outputs = self._embed(module, batch[key])
+                outputs = self._embed(module, batch[key], index in self.grad_through)
             for out in outputs:
                 if key in zero_keys:
                     out = torch.zeros_like(out)
@@ -235,8 +236,10 @@ class Conditioner(nn.Module):
         )
 
     @staticmethod
-    def _embed(module: nn.Module, value: Any) -> tuple[Tensor, ...]:
-        frozen = not any(p.requires_grad for p in module.parameters())
+    def _embed(module: nn.Module, value: Any, grad_through: bool = False) -> tuple[Tensor, ...]:
+        """Run an embedder; one whose weights are all frozen runs without autograd unless gradients must pass
+        through it (`grad_through`: adapters hooked into it train)."""
+        frozen = not grad_through and not any(p.requires_grad for p in module.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             out = module(value)
         return out if isinstance(out, tuple) else (out,)

@@ -93,6 +93,8 @@ class SDXLTrainingModule(pl.LightningModule):
         self.model = model
         self.trainable = trainable if isinstance(trainable, TrainableSet) else TrainableSet(trainable)
         self.trainable.apply(self.model)  # freezes everything else; an unknown part name fails here
+        # LoRA parts: adapters hooked into the frozen base (checkpoint keys adapters.<kohya name>.*), or None
+        self.adapters = self.trainable.attach_adapters(self.model)
         self.plan: ParallelPlan = ParallelPlan()  # the strategy's plan, from the trainer in setup()
         self.denoiser = denoiser
         self.loss_fn = loss(denoiser=denoiser)
@@ -186,9 +188,10 @@ class SDXLTrainingModule(pl.LightningModule):
             int(batches) if batches is not None else int(checkpoint.get("global_step", 0)) * accumulate
         )
         saved = list(checkpoint.get("sgm_trainable") or ["unet"])  # older checkpoints trained the UNet
-        if sorted(saved) != sorted(self.trainable.names):
+        modes = checkpoint.get("sgm_trainable_modes") or dict.fromkeys(saved, "full")
+        if sorted(saved) != sorted(self.trainable.names) or modes != self.trainable.modes:
             raise ValueError(
-                f"the checkpoint trained {saved} but module.trainable names {list(self.trainable.names)}: resume "
+                f"the checkpoint trained {modes} but module.trainable says {self.trainable.modes}: resume "
                 "with the run's module.trainable, or export the checkpoint and start a new run from the file "
                 "(pretrained=out.safetensors name=...)"
             )
@@ -196,6 +199,7 @@ class SDXLTrainingModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["sgm_nonfinite_total"] = self.nonfinite_total
         checkpoint["sgm_trainable"] = list(self.trainable.names)
+        checkpoint["sgm_trainable_modes"] = self.trainable.modes
         checkpoint[BATCHES_TRAINED] = self.batches_trained
 
     # -- training ------------------------------------------------------------------------------

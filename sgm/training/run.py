@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from sgm.checkpoint.export import export_model
+from sgm.checkpoint.export import export_adapter, export_model
 from sgm.checkpoint.lineage import read_lineage, restore_frozen, trained_groups, write_lineage
 from sgm.checkpoint.model_source import run_dir_of
 from sgm.checkpoint.pretrained import load_pretrained, require_pretrained_file
@@ -270,12 +270,28 @@ def finished_outputs(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> d
     return outputs
 
 
+def trains_in_full(cfg: DictConfig) -> bool:
+    """Whether module.trainable trains any part's own weights (mode full, the default), not only adapters."""
+    parts = OmegaConf.to_container(cfg.module.get("trainable") or {"unet": None}, resolve=True)
+    return any((settings or {}).get("mode", "full") == "full" for settings in parts.values())
+
+
 def finish(cfg: DictConfig, trainer: pl.Trainer, run_dir: Path) -> dict[str, str]:
     """Export the last checkpoint to the official layout and report the run's files."""
     last = newest_checkpoint(run_dir / "checkpoints")
     outputs: dict[str, str] = {"run_dir": str(run_dir), "config": str(run_dir / "config.yaml")}
     if last is not None:
         outputs["checkpoint"] = str(last)
+        adapter = export_adapter(
+            last,
+            run_dir / f"{cfg.name}_lora.safetensors",
+            weights="ema" if cfg.export.ema else "raw",
+            dtype=DTYPES[cfg.export.dtype],
+        )
+        if adapter is not None:
+            weights = "EMA" if adapter["weights"] == "ema" else "raw"
+            outputs["lora"] = f"{adapter['path']} ({adapter['modules']} modules, {weights} weights, kohya format)"
+    if last is not None and trains_in_full(cfg):  # a LoRA-only run's model is its base: `lora` above is the output
         suffix = "unet" if cfg.export.unet_only else "full"
         exported = export_model(
             last,

@@ -1,9 +1,12 @@
 """What trains: which parts of the SDXL model, each with its own learning rate and weight decay (configuration).
 
-`module.trainable` maps part names to settings (null: the module's own `lr` / `weight_decay`):
+`module.trainable` maps part names to settings (null: the module's own `lr` / `weight_decay`; `mode`
+full | lora | frozen, default full):
 
     trainable: {unet: {lr: null, weight_decay: null}}           # the default: the UNet alone
     trainable: {unet: {}, text_encoder_1: {lr: 1.0e-5}}         # + OpenCLIP ViT-bigG at its own lr
+    trainable: {unet: {mode: lora, lora: {rank: 16, targets: attn_mlp}},
+                text_encoder_0: {mode: lora, lr: 5.0e-5, lora: {rank: 8}}}   # LoRA adapters
 
 Parts: `unet`, and `text_encoder_<i>` for each conditioner embedder `i` with weights (SDXL base:
 0 = CLIP ViT-L, 1 = OpenCLIP ViT-bigG; the refiner: 0 = bigG). The VAE does not train here
@@ -17,9 +20,12 @@ ViT-L's last block and final LayerNorm, SDXL taking its penultimate states; bigG
 frozen, so no parameter goes without a gradient (DDP refuses that). Cached text embeddings cannot train
 a text encoder (the module refuses them).
 
-Adapters (LoRA) belong here too: a part's settings will name an adapter (rank, target layers); the set
-then injects it into that part and hands out the adapter's parameters, not the part's own weights,
-as that part's parameter group, EMA parameters and checkpoint keys, leaving the base weights frozen.
+A part in `mode: lora` keeps its base weights frozen (and out of the checkpoint: they come from the run's
+recorded sources, bit-identical); `attach_adapters` hooks one LoRANetwork (sgm/models/lora.py; `lora:` are
+LoRAConfig's fields: rank, alpha, dropout, targets, conv_rank, conv_alpha) into the model, which the
+training module holds as `adapters` (checkpoint keys `adapters.<kohya name>.lora_down.weight` ...), and the
+adapters of that part are its parameter group and its EMA parameters. `mode: frozen` is the same as
+leaving the part out.
 """
 
 from __future__ import annotations
@@ -31,19 +37,23 @@ from typing import Any
 
 from torch import nn
 
-from sgm.checkpoint.training_ckpt import MODEL_PREFIX
+from sgm.checkpoint.training_ckpt import ADAPTER_PREFIX, MODEL_PREFIX
+from sgm.models.lora import LoRAConfig, LoRANetwork, apply_lora
 from sgm.models.sdxl import SDXL
 
 UNET = "unet"
 TEXT_ENCODER = re.compile(r"text_encoder_(\d+)")
+MODES = ("full", "lora", "frozen")
 
 
 @dataclass(frozen=True)
 class PartSettings:
-    """One part's optimizer settings; None takes the module's."""
+    """One part's optimizer settings (None takes the module's), how it trains and, for LoRA, the adapter."""
 
     lr: float | None = None
     weight_decay: float | None = None
+    mode: str = "full"
+    lora: LoRAConfig | None = None
 
 
 SETTING_NAMES = tuple(f.name for f in fields(PartSettings))
@@ -59,13 +69,26 @@ class TrainableSet:
             parts = {UNET: None}
         elif not isinstance(parts, Mapping):
             parts = dict.fromkeys(parts)
-        if not parts:
+        settings = {str(name): _settings(str(name), value) for name, value in parts.items()}
+        self.parts = {name: value for name, value in settings.items() if value.mode != "frozen"}
+        if not self.parts:
             raise ValueError("module.trainable is empty: name at least one part to train, e.g. {unet: {}}")
-        self.parts = {str(name): _settings(str(name), value) for name, value in parts.items()}
+        self.network: LoRANetwork | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self.parts)
+
+    @property
+    def modes(self) -> dict[str, str]:
+        """Part name -> full | lora (recorded in each checkpoint)."""
+        return {name: value.mode for name, value in self.parts.items()}
+
+    def _full(self) -> list[str]:
+        return [name for name, value in self.parts.items() if value.mode == "full"]
+
+    def _lora(self) -> dict[str, LoRAConfig]:
+        return {name: value.lora or LoRAConfig() for name, value in self.parts.items() if value.mode == "lora"}
 
     def __repr__(self) -> str:
         return f"TrainableSet({self.parts})"
@@ -92,10 +115,21 @@ class TrainableSet:
             raise ValueError(f"unknown trainable part(s) {unknown} in module.trainable; this model's parts: {valid}")
 
     def modules(self, model: SDXL) -> dict[str, nn.Module]:
-        """The trained parts' modules, by part name."""
+        """The modules of the parts that train their own weights (mode full), by part name."""
         self.check(model)
         paths = self.part_paths(model)
-        return {name: model.get_submodule(paths[name]) for name in self.parts}
+        return {name: model.get_submodule(paths[name]) for name in self._full()}
+
+    def attach_adapters(self, model: SDXL) -> LoRANetwork | None:
+        """Hook fresh LoRA adapters into the lora parts (None when no part is in lora mode); the text towers
+        that carry adapters then run with gradients inside the conditioner."""
+        lora = self._lora()
+        if not lora:
+            return None
+        self.check(model)
+        self.network = apply_lora(model, lora)
+        model.conditioner.grad_through = set(self.embedder_indices(model))
+        return self.network
 
     def frozen_modules(self, model: SDXL) -> list[nn.Module]:
         """The modules that do not train: the VAE, the UNet unless trained, each untrained embedder (or the
@@ -126,7 +160,7 @@ class TrainableSet:
             module.eval()
 
     def embedder_indices(self, model: SDXL) -> list[int]:
-        """Indices of the trained conditioner embedders."""
+        """Indices of the trained conditioner embedders (fully or through adapters)."""
         self.check(model)
         return [int(match.group(1)) for name in self.parts if (match := TEXT_ENCODER.fullmatch(name))]
 
@@ -137,16 +171,33 @@ class TrainableSet:
         named = []
         for name, module in self.modules(model).items():
             named += [(f"{prefix}{paths[name]}.{k}", p) for k, p in module.named_parameters() if p.requires_grad]
+        for key, param in self._adapter_parameters().items():
+            named.append((f"{ADAPTER_PREFIX}{key}", param))
         return named
+
+    def _adapter_parameters(self, part: str | None = None) -> dict[str, nn.Parameter]:
+        """The adapters' parameters by network key (all parts, or one)."""
+        if self.network is None:
+            return {}
+        targets = self.network.targets
+        return {
+            key: param
+            for key, param in self.network.named_parameters()
+            if part is None or targets[key.split(".", 1)[0]].part == part
+        }
 
     def param_groups(self, model: SDXL, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         """One optimizer parameter group per part: its parameters, its lr and weight decay (else the module's)."""
         groups = []
-        for name, module in self.modules(model).items():
-            settings = self.parts[name]
+        modules = self.modules(model)
+        for name, settings in self.parts.items():
+            if name in modules:
+                params = [p for p in modules[name].parameters() if p.requires_grad]
+            else:
+                params = list(self._adapter_parameters(name).values())
             groups.append(
                 {
-                    "params": [p for p in module.parameters() if p.requires_grad],
+                    "params": params,
                     "lr": lr if settings.lr is None else settings.lr,
                     "weight_decay": weight_decay if settings.weight_decay is None else settings.weight_decay,
                     "name": name,
@@ -155,10 +206,11 @@ class TrainableSet:
         return groups
 
     def state_prefixes(self, model: SDXL, prefix: str = MODEL_PREFIX) -> tuple[str, ...]:
-        """State-dict key prefixes of the trained parts (`model.unet.`, ...): what a training checkpoint keeps."""
+        """State-dict key prefixes of the parts trained in full (`model.unet.`, ...): what a training checkpoint
+        keeps of the model (adapters are kept under `adapters.`)."""
         paths = self.part_paths(model)
         self.check(model)
-        return tuple(f"{prefix}{paths[name]}." for name in self.parts)
+        return tuple(f"{prefix}{paths[name]}." for name in self._full())
 
     def in_checkpoint(self, key: str, model: SDXL, prefix: str = MODEL_PREFIX) -> bool:
         """Whether a module state_dict key goes into a training checkpoint: trained parts and anything
@@ -175,4 +227,20 @@ def _settings(name: str, value: Any) -> PartSettings:
         raise ValueError(
             f"module.trainable.{name}: unknown setting(s) {unknown}; a part takes {', '.join(SETTING_NAMES)}"
         )
-    return PartSettings(**{k: None if v is None else float(v) for k, v in value.items()})
+    mode = str(value.pop("mode", "full"))
+    if mode not in MODES:
+        raise ValueError(f"module.trainable.{name}.mode: {mode!r} is not one of {', '.join(MODES)}")
+    lora = value.pop("lora", None)
+    if lora is not None and mode != "lora":
+        raise ValueError(f"module.trainable.{name}: `lora` settings need mode: lora (mode is {mode})")
+    if mode == "lora" and not isinstance(lora, LoRAConfig):
+        try:
+            lora = LoRAConfig(
+                **{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(lora or {}).items()}
+            )
+        except TypeError as error:
+            raise ValueError(
+                f"module.trainable.{name}.lora: {error} (fields: rank, alpha, dropout, targets, conv_rank, conv_alpha)"
+            ) from None
+    numbers = {k: None if v is None else float(v) for k, v in value.items()}
+    return PartSettings(**numbers, mode=mode, lora=lora)

@@ -148,13 +148,13 @@ def save_checkpoint(
     parts = check_parts(parts)
     tensors = dict(to_official(model, parts))
     tensors.update(extra_tensors or {})
-    tensors = _prepare_for_save(tensors, dtype)
+    tensors = prepare_for_save(tensors, dtype)
     meta = {"format": "pt", "sgm.parts": json.dumps(list(parts))}
     meta.update(metadata or {})
     return atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def _prepare_for_save(tensors: Mapping[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
+def prepare_for_save(tensors: Mapping[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
     """Detach, move to CPU, cast floats, and un-share storage (safetensors refuses shared tensors)."""
     out, seen = {}, set()
     for key, value in tensors.items():

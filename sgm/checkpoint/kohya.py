@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from sgm.checkpoint.io import _prepare_for_save, atomic_write
+from sgm.checkpoint.io import atomic_write, prepare_for_save
 
 if TYPE_CHECKING:
     from sgm.models.lora import LoRANetwork
@@ -152,7 +152,7 @@ def save_lora_file(
     metadata: extra keys (e.g. `sgm.base_fingerprint`, `sgm.steps`, `sgm.training_config`); non-strings
     are stored as JSON.
     """
-    tensors = _prepare_for_save(network.state_dict(), dtype)
+    tensors = prepare_for_save(network.state_dict(), dtype)
     ranks = Counter(int(m.rank) for m in network.values())
     alphas = Counter(float(m.alpha) for m in network.values())
     conv = [m for m in network.values() if m.conv is not None and m.conv[0] > 1]

@@ -193,9 +193,11 @@ def _from_training(
 
 def merge_trained_adapters(model: SDXL, adapters: dict[str, torch.Tensor], wanted: Iterable[str], source: str) -> int:
     """Bake a run's LoRA adapters (kohya-keyed) into the wanted parts of `model` at scale 1; how many merged."""
-    from sgm.checkpoint.kohya import network_from_state
+    from sgm.checkpoint.kohya import UNET_PREFIX, network_from_state, text_encoder_prefixes
 
-    prefixes = tuple(p for part, p in (("unet", "lora_unet_"), ("text_encoders", "lora_te")) if part in wanted)
+    prefixes = ((UNET_PREFIX,) if "unet" in wanted else ()) + (
+        tuple(text_encoder_prefixes(model).values()) if "text_encoders" in wanted else ()
+    )
     chosen = {k: v for k, v in adapters.items() if k.startswith(prefixes)} if prefixes else {}
     if not chosen:
         return 0

@@ -61,7 +61,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sgm.data.buckets import Bucket, bucket_table, square_table
-from sgm.data.resplit import LAYOUT_KEYS, reading_epoch, resplit_state
+from sgm.data.resplit import LAYOUT_KEYS, layout_fingerprint, reading_epoch, resplit_state
 from sgm.data.samples import ImageProcessor, StreamBadCounter
 from sgm.data.shard_list import expand_shards, num_slots_for
 from sgm.data.stream import FILTER_REASONS, SlotStream, StreamConfig
@@ -83,6 +83,23 @@ class TooManyBadSamples(RuntimeError):
     def __str__(self) -> str:
         saved = f" What was trained so far is saved in {self.checkpoint}." if self.checkpoint else ""
         return super().__str__() + saved
+
+
+class ReaderLayoutChanged(ValueError):
+    """A saved data position belongs to another number of readers (world_size x num_workers): resume with
+    on_mismatch="resplit" (the message names the setting that asks for it), or on the saved layout."""
+
+
+def layout_change(saved: tuple[Any, Any], current: tuple[Any, Any], reshard_key: str = "resume_reshard=true") -> str:
+    """What a resume on another reader layout says: both layouts (world_size, num_workers), and the setting
+    that re-splits the position."""
+    return (
+        f"the data position was saved by world_size={saved[0]} x num_workers={saved[1]} readers, this run has "
+        f"{current[0]} x {current[1]}: set {reshard_key} to re-split it over this run's readers (the unfinished "
+        "pass is trained once, without skips; samples that readers running ahead took from the next pass are "
+        "counted and seen again), or resume with the saved number of processes (trainer.devices x "
+        "trainer.num_nodes) and data.num_workers"
+    )
 
 
 def _keep(item: Any) -> Any:
@@ -260,7 +277,7 @@ class SlotLoader:
     # -- state ---------------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
         """What must match for an exact resume."""
-        return {**self.config.fingerprint(), "world_size": self.world_size, "num_workers": self.num_workers}
+        return layout_fingerprint(self.config, self.world_size, self.num_workers)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able: per rank, items and batches yielded and the latest snapshot per slot."""
@@ -295,15 +312,13 @@ class SlotLoader:
             saved_ranks = sorted(int(r) for r in state["ranks"])
             differences = [f"the state holds ranks {saved_ranks} only, not rank {self.rank}"]
         if differences and layout_only and on_mismatch == "error":
-            raise ValueError(
-                "cannot resume the data loader exactly: " + "; ".join(differences) + ". The checkpoint's data "
-                f"position was saved by world_size={saved.get('world_size')} x num_workers="
-                f"{saved.get('num_workers')} readers, this run has {self.world_size} x {self.num_workers}: set "
-                f"{self.reshard_key} to re-split it over this run's readers (on_mismatch='resplit': the "
-                "unfinished pass is completed once, without skips; samples that readers running ahead took "
-                "from the next pass are counted and seen again), or resume with the saved world size and "
-                "worker count, or pass on_mismatch='restart_epoch' to restart the earliest saved epoch with "
-                "fresh buffers."
+            saved_layout = (saved.get("world_size"), saved.get("num_workers"))
+            raise ReaderLayoutChanged(
+                "cannot resume the data loader exactly: "
+                + "; ".join(differences)
+                + ". "
+                + layout_change(saved_layout, (self.world_size, self.num_workers), self.reshard_key)
+                + " (or pass on_mismatch='restart_epoch' to restart the earliest saved epoch with fresh buffers)"
             )
         if differences and on_mismatch in ("error", "resplit"):
             raise ValueError(

@@ -183,7 +183,6 @@ class SlotStream:
         self.seen, self.batches, self.since_batch = 0, 0, 0
         self.count_epoch, self.pass_size = start_epoch, None  # see the module docstring
         self.pass_epoch = start_epoch  # the epoch whose end sets pass_size (a re-split's: its first own)
-        self._stride = False  # whether the slot strides
         self._reading = (start_epoch, slot, num_slots, slot)  # (epoch, shard, stride, phase): see _shard_event
         self.pending: list[Position] = []  # re-split leftover (resplit.py): positions to read first,
         self.ranges: list[list[int]] = []  # then [epoch, shard, start, stride, phase] ranges
@@ -227,7 +226,6 @@ class SlotStream:
         sizes = shard_sizes(config.shards) if self._balanced else None
         while config.num_epochs is None or self.epoch < config.num_epochs:
             shard_ids, stride = slot_shards(num_shards, config.seed, self.epoch, self.slot, self.num_slots, sizes)
-            self._stride = stride
             while self.shard_k < len(shard_ids):
                 shard_id, skip = shard_ids[self.shard_k], self.offset
                 self._reading = (self.epoch, shard_id, self.num_slots, self.slot) if stride else (self.epoch, 0, 1, 0)

@@ -26,6 +26,7 @@ from sgm.checkpoint.export import MODELSPEC_PREDICTION
 from sgm.checkpoint.fingerprints import file_sha256
 from sgm.checkpoint.io import read_layout, read_metadata, save_checkpoint
 from sgm.checkpoint.kohya import LoRAFileError, load_lora_file, network_from_state
+from sgm.checkpoint.lineage import part_of_group
 from sgm.checkpoint.model_source import load_model
 from sgm.checkpoint.official_layout import PARTS, part_of_key, to_official
 from sgm.inference.cli import lora_arg, report_lora_error
@@ -50,11 +51,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _part_name(lora_part: str) -> str:
-    """A LoRA network part (`unet`, `text_encoder_<i>`) -> the checkpoint part holding it."""
-    return "unet" if lora_part == "unet" else "text_encoders"
-
-
 def merge(
     base: str | Path,
     out: str | Path,
@@ -76,7 +72,7 @@ def merge(
     for path, scale in loras:
         state, _ = load_lora_file(path)
         network = network_from_state(model, state, source=str(path))
-        missing = sorted({_part_name(p) for p in network.parts} - set(parts))
+        missing = sorted({part_of_group(p) for p in network.parts} - set(parts))
         if missing:
             raise LoRAFileError(f"{path} adapts {', '.join(missing)}, which {base} does not hold")
         network.merge_into(model, scale)

@@ -21,8 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from sgm.data.loader import SlotLoader, merge_loader_states
-from sgm.data.resplit import LAYOUT_KEYS
+from sgm.data.loader import ReaderLayoutChanged, SlotLoader, merge_loader_states
 from sgm.training.preflight import ConfigError
 from sgm.training.progress import LOGGER
 
@@ -121,20 +120,10 @@ class SDXLDataModule(pl.LightningDataModule):
         if self._pending_state is None or self.tracked is None:
             return
         loader, saved = self.tracked.loader, self._pending_state
-        layout = {key: saved["fingerprint"].get(key) for key in LAYOUT_KEYS}
-        current = {key: loader.fingerprint()[key] for key in LAYOUT_KEYS}
-        if layout != current and not self.reshard:
-            raise ConfigError(
-                "resume_reshard",
-                f"the checkpoint's data position was saved by {layout['world_size']} process(es) x "
-                f"{layout['num_workers']} loader worker(s), this run has {current['world_size']} x "
-                f"{current['num_workers']}",
-                "resume_reshard=true continues on this run's processes (the unfinished pass is re-split over "
-                "them: no sample skipped or repeated in it), or resume with the saved trainer.devices / "
-                "trainer.num_nodes / data.num_workers",
-            )
         try:
             loader.load_state_dict(saved, on_mismatch="resplit" if self.reshard else "error")
+        except ReaderLayoutChanged as error:
+            raise ConfigError("resume_reshard", str(error)) from None
         except ValueError as error:
             if not self.allow_changes:
                 raise ConfigError(

@@ -187,9 +187,9 @@ class SDXLTrainingModule(pl.LightningModule):
         self.batches_trained = (
             int(batches) if batches is not None else int(checkpoint.get("global_step", 0)) * accumulate
         )
-        saved = list(checkpoint.get("sgm_trainable") or ["unet"])  # older checkpoints trained the UNet
+        saved = checkpoint.get("sgm_trainable") or ["unet"]  # older checkpoints trained the UNet (in full)
         modes = checkpoint.get("sgm_trainable_modes") or dict.fromkeys(saved, "full")
-        if sorted(saved) != sorted(self.trainable.names) or modes != self.trainable.modes:
+        if modes != self.trainable.modes:
             raise ValueError(
                 f"the checkpoint trained {modes} but module.trainable says {self.trainable.modes}: resume "
                 "with the run's module.trainable, or export the checkpoint and start a new run from the file "

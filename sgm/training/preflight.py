@@ -296,14 +296,9 @@ def check_resume_layout(cfg: DictConfig, checkpoint: str | None) -> None:
     saved = (fingerprint.get("world_size"), fingerprint.get("num_workers"))
     planned = (processes, int(cfg.data.get("num_workers") or 0))
     if saved != planned:
-        raise ConfigError(
-            "resume_reshard",
-            f"{checkpoint} was saved by {saved[0]} process(es) x {saved[1]} loader worker(s); this run has "
-            f"{planned[0]} x {planned[1]}",
-            "resume_reshard=true continues on this run's processes (the unfinished data pass is re-split over "
-            "them: none of its samples skipped or repeated), or resume with the saved trainer.devices / "
-            "trainer.num_nodes / data.num_workers",
-        )
+        from sgm.data.loader import layout_change
+
+        raise ConfigError("resume_reshard", f"{checkpoint}: {layout_change(saved, planned)}")
 
 
 def planned_processes(cfg: DictConfig) -> int | None:

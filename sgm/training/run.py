@@ -207,12 +207,10 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> di
         reshard=bool(cfg.get("resume_reshard")),
         allow_changes=bool(cfg.get("resume_allow_changes")),
     )
+    resharding = RemoveReshardedCopy(run_dir / "checkpoints") if ckpt_path and cfg.get("resume_reshard") else None
+    trainer = build_trainer(cfg, run_dir, [*(extra_callbacks or []), *([resharding] if resharding else [])])
     fit_path = ckpt_path
-    if ckpt_path and cfg.get("resume_reshard"):  # another world size: the plan says what loads there
-        resharding = RemoveReshardedCopy(run_dir / "checkpoints")
-        extra_callbacks = [*(extra_callbacks or []), resharding]
-    trainer = build_trainer(cfg, run_dir, extra_callbacks)
-    if ckpt_path and cfg.get("resume_reshard"):
+    if resharding is not None:  # maybe another world size: the plan says what loads there
         fit_path = str(plan_for(trainer.strategy).reshard_for_resume(ckpt_path, trainer.world_size))
         resharding.copy = Path(fit_path) if fit_path != ckpt_path else None
     log_file = None

@@ -29,10 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--samples-per-shard", type=int, default=128)
     parser.add_argument("--num-emoji", type=int, default=None, help="use only this many distinct emoji")
+    parser.add_argument("--val-samples", type=int, default=0, help="also this many held-out images in OUT/val")
     args = parser.parse_args(argv)
     try:
         summary = build_demo_dataset(
-            args.out, args.num_samples, args.seed, args.source, args.samples_per_shard, args.num_emoji
+            args.out, args.num_samples, args.seed, args.source, args.samples_per_shard, args.num_emoji, args.val_samples
         )
     except ShardError as error:
         print(f"error: {error}", file=sys.stderr)

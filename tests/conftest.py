@@ -24,7 +24,10 @@ def environment_extensions_dir() -> str:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", environment_extensions_dir())  # train.py subprocesses inherit it
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# pytest-xdist runs the suite in 2 worker processes (pyproject addopts): one intra-op thread each, so the
+# two share the CI machine's 2 cores instead of contending with 4 threads.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
 

@@ -4,6 +4,7 @@ trainer, and the report's verdict logic on numbers made up to be clear-cut."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,7 @@ def test_quick_study_runs_every_step_through_the_normal_paths(quick):
     assert "colour" in effects
     text = (out / "report.md").read_text()
     assert "## Verdicts" in text and all(f"| {label} |" in text for label in labels)
+    assert "## Verdicts\n\n**A --quick run: a pipeline check, not results.**" in text  # said before any verdict
     assert f"{settings.train_steps} steps" in text and "seed 0" in text and "v-prediction" in text
     # the calibration: training crops measured as loaded and through the VAE, each model's conditioning use
     calibration = record["calibration"]
@@ -184,6 +186,16 @@ def _condition(
         "shape_accuracy": 1.0,
         "samples": samples,
     }
+
+
+def test_a_quick_report_says_its_verdicts_are_a_pipeline_check_not_results():
+    quick = {"command": "python -m sgm.eval.conditioning_study --quick --out /tmp/s", "settings": asdict(study.QUICK)}
+    note = report.quick_run_note(quick)
+    assert "pipeline check, not results" in note[0] and f"trained {study.QUICK.train_steps} steps" in note[0]
+    in_code = {"command": "python -m sgm.eval.conditioning_study", "settings": asdict(study.QUICK)}
+    assert report.quick_run_note(in_code) == note  # run_study(out, QUICK) without the flag in its command
+    full = {"command": "python -m sgm.eval.conditioning_study", "settings": asdict(study.StudySettings())}
+    assert report.quick_run_note(full) == []
 
 
 def test_verdicts_follow_the_numbers():

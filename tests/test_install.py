@@ -119,6 +119,10 @@ def test_training_runs_as_a_module_with_the_shipped_configs(installed):
         "demo_data.num_samples=16",
         "demo_data.num_emoji=2",
         "demo_data.samples_per_shard=8",
+        "demo_data.val_samples=4",  # and the demo's held-out set, validation and VAE training, shortened
+        "validation.timestep_buckets=2",
+        "demo_vae.steps=2",
+        "demo_vae.scale_batches=1",
         "data.base_resolution=null",
         "data.square_size=64",
         "data.batch_size=4",
@@ -137,3 +141,4 @@ def test_training_runs_as_a_module_with_the_shipped_configs(installed):
     outputs = json.loads((run_dir / "outputs.json").read_text())
     assert outputs["global_step"] == "2" and (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "installed_full.safetensors").is_file()  # the export, official layout
+    assert list((cwd / "outputs" / "demo_vae").glob("vae-*.safetensors")) and (run_dir / "validation.jsonl").is_file()

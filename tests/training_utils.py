@@ -44,6 +44,9 @@ def fast_overrides(run_dir: Path, shards: Path, max_steps: int = 8, every: int =
         "samples.height=64",
         "samples.width=64",
         "threads=1",
+        "demo_vae=null",  # the demo's own VAE training and held-out set: tests/test_training_demo.py
+        "demo_data.val_samples=0",
+        "validation.shards=null",
     ]
 
 

@@ -209,33 +209,31 @@ def render_sample(rng: random.Random, emoji: Emoji, font_path: Path | None, font
     return buffer.getvalue(), ext, fields
 
 
-def build_demo_dataset(
-    out: str | Path = "outputs/demo_data",
-    num_samples: int = 512,
-    seed: int = 0,
-    source: str | Path | None = None,
-    samples_per_shard: int = 128,
-    num_emoji: int | None = None,
-) -> BuildSummary:
-    """Render `num_samples` captioned emoji images into shards in `out` (replacing earlier demo shards).
+VAL_FOLDER = "val"  # held-out shards: <out>/val/*.tar, outside the training glob <out>/*.tar
 
-    `num_emoji` limits the vocabulary to that many emoji (drawn by the seed), which makes a tiny
-    model's job learnable; by default every emoji of the source is used, each once before any repeats.
-    """
-    if num_samples < 1:
-        raise ShardError(f"num_samples must be >= 1 (got {num_samples})")
-    source_path = Path(source) if source is not None else default_source()
-    if num_emoji is not None and num_emoji < 1:
-        raise ShardError(f"num_emoji must be >= 1 (got {num_emoji})")
-    emoji, font_path = load_emoji(source_path)
+
+def _vocabulary(emoji: list[Emoji], seed: int, num_emoji: int | None) -> tuple[list[Emoji], random.Random]:
+    """The emoji drawn for this seed (the first `num_emoji`) and the generator, ready to render the training set."""
     rng = random.Random(seed)
     order = list(emoji)
     rng.shuffle(order)
-    order = order[: num_emoji or None]
+    return order[: num_emoji or None], rng
+
+
+def _write_samples(
+    out: Path,
+    order: list[Emoji],
+    rng: random.Random,
+    count: int,
+    samples_per_shard: int,
+    font_path: Path | None,
+    source_path: Path,
+) -> BuildSummary:
+    """Render `count` samples cycling through `order` into fresh shards in `out` (its summary written last)."""
     out = prepare_output_dir(out, overwrite=True)
     fonts: dict[int, ImageFont.FreeTypeFont] = {}
     with ShardWriter(out, samples_per_shard) as writer:
-        for index in range(num_samples):
+        for index in range(count):
             chosen = order[index % len(order)]
             data, ext, fields = render_sample(rng, chosen, font_path, fonts)
             with Image.open(io.BytesIO(data)) as image:
@@ -244,3 +242,56 @@ def build_demo_dataset(
             writer.write(data, ext, fields.pop("caption"), width, height, fields)
     write_json_atomic(out / "_build_summary.json", writer.summary.to_dict())
     return writer.summary
+
+
+def _checked_source(
+    num_samples: int, source: str | Path | None, num_emoji: int | None
+) -> tuple[list[Emoji], Path | None, Path]:
+    """The source's emoji, its font file (None for an image folder) and its path, after checking the counts."""
+    if num_samples < 1:
+        raise ShardError(f"num_samples must be >= 1 (got {num_samples})")
+    source_path = Path(source) if source is not None else default_source()
+    if num_emoji is not None and num_emoji < 1:
+        raise ShardError(f"num_emoji must be >= 1 (got {num_emoji})")
+    emoji, font_path = load_emoji(source_path)
+    return emoji, font_path, source_path
+
+
+def build_demo_dataset(
+    out: str | Path = "outputs/demo_data",
+    num_samples: int = 512,
+    seed: int = 0,
+    source: str | Path | None = None,
+    samples_per_shard: int = 128,
+    num_emoji: int | None = None,
+    val_samples: int = 0,
+) -> BuildSummary:
+    """Render `num_samples` captioned emoji images into shards in `out` (replacing earlier demo shards).
+
+    `num_emoji` limits the vocabulary to that many emoji (drawn by the seed), which makes a tiny
+    model's job learnable; by default every emoji of the source is used, each once before any repeats.
+    `val_samples` > 0 also writes that many held-out samples to `out`/val (build_demo_val_shards).
+    """
+    emoji, font_path, source_path = _checked_source(num_samples, source, num_emoji)
+    order, rng = _vocabulary(emoji, seed, num_emoji)
+    summary = _write_samples(Path(out), order, rng, num_samples, samples_per_shard, font_path, source_path)
+    if val_samples > 0:
+        build_demo_val_shards(out, val_samples, seed, source, samples_per_shard, num_emoji)
+    return summary
+
+
+def build_demo_val_shards(
+    out: str | Path = "outputs/demo_data",
+    val_samples: int = 32,
+    seed: int = 0,
+    source: str | Path | None = None,
+    samples_per_shard: int = 128,
+    num_emoji: int | None = None,
+) -> BuildSummary:
+    """Held-out samples for validation in `out`/val: the training set's vocabulary (same seed and `num_emoji`)
+    drawn by a generator of their own, so they are other images than the training ones, whatever the size of
+    the training set, and can be added to a training set built before without touching it."""
+    emoji, font_path, source_path = _checked_source(val_samples, source, num_emoji)
+    order, _ = _vocabulary(emoji, seed, num_emoji)
+    rng = random.Random(f"held-out {seed}")
+    return _write_samples(Path(out) / VAL_FOLDER, order, rng, val_samples, samples_per_shard, font_path, source_path)

@@ -37,6 +37,9 @@ upright), and returns a BucketedLoader over them. What it does, and the choices 
   repeats. Bad samples are counted per copy (the fraction is unchanged).
 - No upscaling: `bucket_no_upscale` (default true here) trains an image smaller than its bucket
   at a smaller bucket of the same aspect (samples.ImageProcessor, buckets.no_upscale_bucket).
+- Cached latents: `cache_latents` (off by default) encodes the build once more with the run's VAE,
+  into `<build>-latents-<hash16>` beside it, and returns a LatentLoader over that (the cached shard
+  list `repeats` times): each image then keeps one crop and is never flipped (folder_latents.py).
 
 Errors a user can fix (no folder, not readable, no images, nothing usable, repeats < 1) are one
 ValueError naming the data.* key and the fix.
@@ -54,13 +57,16 @@ import shutil
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sgm.data.loader import BucketedLoader
 from sgm.data.shards import ShardWriter, SkipSample, probe_image, write_json_atomic
+
+if TYPE_CHECKING:
+    from sgm.data.latent_loader import LatentLoader
 
 FOLDER_IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 DEFAULT_CACHE = "outputs/folder_shards"
@@ -72,6 +78,7 @@ PROGRESS_SECONDS = 10.0
 STALE_TMP_SECONDS = 3600.0  # a temporary build folder this old is a crashed build's
 EXAMPLES = 5
 _log = logging.getLogger(__name__)
+Built = TypeVar("Built")
 
 
 @dataclass(frozen=True)
@@ -108,19 +115,38 @@ def folder_loader(
     base_resolution: int | None = 1024,
     square_size: int | None = None,
     shards: str | Sequence[str] | None = None,
+    cache_latents: bool = False,
+    cache_text_embeddings: bool = False,
+    run: Mapping[str, Any] | None = None,
     **loader_options: Any,
-) -> BucketedLoader:
+) -> BucketedLoader | LatentLoader:
     """Build (or reuse) the folder's shards, then return a BucketedLoader over them, `repeats` times.
 
     `shards` instead of `folder`: already-built shards (e.g. another machine's cache folder) read with
     these settings; trigger and default_caption apply only to a folder build. `loader_options` are
-    BucketedLoader's (batch_size, seed, num_workers, rank, world_size, flip_probability, ...)."""
+    BucketedLoader's (batch_size, seed, num_workers, rank, world_size, flip_probability, ...).
+    `cache_latents`: the build is encoded once by the run's VAE (`run`: the run's model, pretrained,
+    pretrained_parts and module.trainable, by reference) and a LatentLoader reads it (folder_latents.py)."""
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise ValueError(
             f"data.repeats must be an integer >= 1 (reads per pass), got {repeats!r}; e.g. data.repeats=10"
         )
     if folder is not None and shards is not None:
         raise ValueError("give data.folder (images to build from) or already-built data.shards, not both")
+    latents = None
+    if cache_latents or cache_text_embeddings:
+        from sgm.data.folder_latents import LatentRequest  # torch and the model code: only when asked
+
+        latents = LatentRequest.checked(
+            run or {},
+            text_embeddings=cache_text_embeddings,
+            cache_latents=cache_latents,
+            from_folder=shards is None,
+            base_resolution=base_resolution,
+            square_size=square_size,
+            bucket_no_upscale=bucket_no_upscale,
+            options=loader_options,
+        )
     if shards is None:
         built = build_folder_shards(
             folder,
@@ -130,6 +156,8 @@ def folder_loader(
             verbose=_is_rank0(loader_options),
         )
         shard_list: list[str] = built.shards
+        if latents is not None:
+            return latents.loader(built, repeats, loader_options, verbose=_is_rank0(loader_options))
     else:
         shard_list = [shards] if isinstance(shards, str) else list(shards)
     return BucketedLoader(
@@ -264,41 +292,59 @@ def build_folder_shards(
     images = scan_folder(folder, trigger, default_caption, skip=cache_root)
     fingerprint = folder_fingerprint(images, trigger, default_caption)
     final = cache_root / cache_name(folder, fingerprint)
-    found = _complete(final, fingerprint)
-    if found is not None:
+    found, record = build_once(  # see the module docstring: lock, temporary folder, rename
+        final,
+        lambda: _complete(final, fingerprint),
+        lambda tmp: _write(images, tmp, folder, fingerprint, trigger, default_caption),
+    )
+    if record is None:
         if verbose:
             _log.info("data.folder=%s: unchanged, reusing %d samples in %s", folder, found.written, final)
         return found
+    found.built = True
+    _report(found, record, folder, cache_root, final)
+    return found
+
+
+def build_once(final: Path, complete: Callable[[], Built | None], write: Callable[[Path], Any]) -> tuple[Built, Any]:
+    """(the build at `final`, what `write` returned or None when an existing build was used).
+
+    `complete()` returns the build when `final` holds a complete one. Otherwise `write(tmp)` fills a
+    hidden temporary folder beside `final`, under a lock file, and the folder is renamed into place: a
+    build is complete or absent, and of builds racing without a working lock the first rename wins."""
+    found = complete()
+    if found is not None:
+        return found, None
+    cache_root = final.parent
     cache_root.mkdir(parents=True, exist_ok=True)
     with _locked(cache_root / f".{final.name}.lock"):
-        found = _complete(final, fingerprint)  # another process built it while this one waited
+        found = complete()  # another process built it while this one waited
         if found is not None:
-            return found
-        _remove_stale(cache_root, final, fingerprint)
+            return found, None
+        _remove_stale(cache_root, final, complete)
         tmp = cache_root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            record = _write(images, tmp, folder, fingerprint, trigger, default_caption)
+            result = write(tmp)
             try:
                 os.rename(tmp, final)
             except OSError:
-                found = _complete(final, fingerprint)
+                found = complete()
                 if found is None:
                     raise
-                return found  # another node's build won the rename
+                return found, None  # another node's build won the rename
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    result = _complete(final, fingerprint)
-    if result is None:  # pragma: no cover - the rename just put it there
-        raise RuntimeError(f"the build of data.folder={folder} vanished after it was renamed into place")
-    result.built = True
-    _report(result, record, folder, cache_root, final)
-    return result
+    found = complete()
+    if found is None:  # pragma: no cover - the rename just put it there
+        raise RuntimeError(f"the build {final} vanished after it was renamed into place")
+    return found, result
 
 
-def _complete(final: Path, fingerprint: str) -> FolderShards | None:
-    """The build at `final` when it is complete and of this fingerprint, else None."""
+def completed_build(final: Path, marker: str, fingerprint: str) -> tuple[dict[str, Any], list[str]] | None:
+    """(marker record, shard paths) of the build at `final` when its marker (written last) names this
+    fingerprint and every shard it lists is there, else None."""
     try:
-        record = json.loads((final / FOLDER_MARKER).read_text())
+        record = json.loads((final / marker).read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("fingerprint") != fingerprint:
@@ -306,6 +352,15 @@ def _complete(final: Path, fingerprint: str) -> FolderShards | None:
     shards = [str(final / name) for name in record.get("shards", [])]
     if not shards or not all(os.path.isfile(p) for p in shards):
         return None
+    return record, shards
+
+
+def _complete(final: Path, fingerprint: str) -> FolderShards | None:
+    """The build at `final` when it is complete and of this fingerprint, else None."""
+    found = completed_build(final, FOLDER_MARKER, fingerprint)
+    if found is None:
+        return None
+    record, shards = found
     return FolderShards(final, shards, record["images"], record["written"], dict(record.get("skipped", {})))
 
 
@@ -323,7 +378,7 @@ def _locked(path: Path) -> Iterator[None]:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _remove_stale(cache_root: Path, final: Path, fingerprint: str) -> None:
+def _remove_stale(cache_root: Path, final: Path, complete: Callable[[], Any]) -> None:
     """Remove crashed builds of this cache (temporary folders older than STALE_TMP_SECONDS), and an
     incomplete `final` (never left by a build; e.g. files removed by hand)."""
     now = time.time()
@@ -331,8 +386,8 @@ def _remove_stale(cache_root: Path, final: Path, fingerprint: str) -> None:
         with contextlib.suppress(OSError):
             if now - leftover.stat().st_mtime > STALE_TMP_SECONDS:
                 shutil.rmtree(leftover, ignore_errors=True)
-    if final.exists() and _complete(final, fingerprint) is None:
-        _log.warning("removing the incomplete folder build %s", final)
+    if final.exists() and complete() is None:
+        _log.warning("removing the incomplete build %s", final)
         shutil.rmtree(final, ignore_errors=True)
 
 

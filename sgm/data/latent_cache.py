@@ -31,13 +31,14 @@ import re
 import sys
 import tarfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import save, save_file
 from tqdm import tqdm
 
@@ -65,7 +66,7 @@ LATENT_MODES, VAE_DTYPES, STORAGE_DTYPES = ("sample", "mean"), ("float32", "bflo
 class CacheConfig:
     """The settings that determine the cached bytes (recorded in _cache_config.json)."""
 
-    model: str = "tiny"  # model config name or YAML path (recorded; the caller builds the model)
+    model: str = "tiny"  # model config name or YAML path, or a label (recorded; the caller builds the model)
     checkpoint: str | None = None
     base_resolution: int | None = None  # exactly one of base_resolution / square_size
     square_size: int | None = None
@@ -78,6 +79,7 @@ class CacheConfig:
     bucket_by: str = "decoded"
     min_size: int | None = None
     max_pixels: int | None = 178_956_970
+    bucket_no_upscale: bool = False  # as the image loader's: small images go to a smaller bucket of their aspect
 
     def __post_init__(self) -> None:
         problems = []
@@ -103,12 +105,16 @@ class CacheConfig:
             min_size=self.min_size,
             max_pixels=self.max_pixels,
             draft_decode=False,  # a cache is encoded once, by the VAE: keep its pixels the full decode's
+            bucket_no_upscale=self.bucket_no_upscale,
         )
 
     def record(self, scale_factor: float) -> dict[str, Any]:
+        settings = asdict(self)
+        if not self.bucket_no_upscale:  # recorded only when on: caches made before it existed still resume
+            del settings["bucket_no_upscale"]
         return {
             "format": CACHE_FORMAT,
-            **asdict(self),
+            **settings,
             "buckets": [list(b) for b in self.buckets()],
             "scale_factor": scale_factor,
         }
@@ -373,8 +379,11 @@ def read_empty_caption(cache_dir: str | os.PathLike) -> dict[int, tuple[torch.Te
     return read_text_embeddings(path.read_bytes())  # the same "{embedder}.{output}" naming as each sample
 
 
-def load_caching_model(config: CacheConfig, device: str | torch.device = "cpu") -> SDXL:
-    """The VAE (and text encoders) of `config.model`, from `config.checkpoint` when given.
+def load_caching_model(
+    config: CacheConfig, device: str | torch.device = "cpu", model_config: Mapping[str, Any] | None = None
+) -> SDXL:
+    """The VAE (and text encoders) of `config.model` (or of `model_config`, a run's model config, when
+    given), from `config.checkpoint` when given.
 
     With a checkpoint the model is built on the meta device and only the needed parts are
     materialised (no UNet memory); without one the weights are random, seeded by config.seed
@@ -384,12 +393,13 @@ def load_caching_model(config: CacheConfig, device: str | torch.device = "cpu") 
     from sgm.models.build import build_model
 
     parts = ["vae"] + (["text_encoders"] if config.text_embeddings else [])
+    source = config.model if model_config is None else OmegaConf.create(dict(model_config))
     if config.checkpoint is None:
         print(f"warning: no checkpoint given; {config.model} has random weights (tests only)", file=sys.stderr)
         torch.manual_seed(config.seed)
-        model = build_model(config.model)
+        model = build_model(source)
     else:
-        model = build_model(config.model, device="meta")
+        model = build_model(source, device="meta")
         model.vae.to_empty(device="cpu")
         if config.text_embeddings:
             model.conditioner.to_empty(device="cpu")

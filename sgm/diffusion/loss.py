@@ -55,7 +55,12 @@ class DiffusionLoss:
     ) -> Tensor:
         """Loss per sample, float32 [B]; the caller takes the batch mean."""
         sigmas, _ = self.noise_level_sampler(latents.shape[0], generator, latents.device)
-        noise = self.sample_noise(latents, generator)
+        return self.loss_at(network, latents, cond, sigmas, self.sample_noise(latents, generator))
+
+    def loss_at(
+        self, network: Network, latents: Tensor, cond: Mapping[str, Tensor], sigmas: Tensor, noise: Tensor
+    ) -> Tensor:
+        """The loss per sample at given noise levels and noise (the draws fixed: held-out validation), float32 [B]."""
         noised = latents + noise * append_dims(sigmas, latents.ndim).to(latents.dtype)
         denoised = self.denoiser(network, noised, sigmas, cond)
         weight = append_dims(self.weighting(sigmas), latents.ndim)

@@ -1,1 +1,2 @@
-"""Evaluation of generated samples by simple, explainable image analysis (no downloaded networks)."""
+"""Evaluation: held-out metrics of generated samples (FID/KID with Inception-V3, CLIP score, all from local
+weights files), comparing runs, and the conditioning study's explainable image analysis."""

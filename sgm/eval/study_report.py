@@ -355,6 +355,32 @@ def _size_text(settings: Mapping[str, Any]) -> str:
     return f"{height}x{width} (h x w)"
 
 
+def is_quick(record: Mapping[str, Any]) -> bool:
+    """Whether the study ran with --quick: its command says so (--report-only rewrites keep it), or it ran in
+    code with the --quick preset's step and sample counts."""
+    from sgm.eval.conditioning_study import QUICK  # here, not at the top: that module imports this one
+
+    if "--quick" in str(record.get("command", "")).split():
+        return True
+    settings = record.get("settings") or {}
+    return all(settings.get(k) == getattr(QUICK, k) for k in ("train_steps", "vae_steps", "seeds_per_prompt"))
+
+
+def quick_run_note(record: Mapping[str, Any]) -> list[str]:
+    """The report's warning for a --quick run: a few steps of everything check the pipeline and measure nothing,
+    so a reader must not take its verdicts as findings."""
+    if not is_quick(record):
+        return []
+    s = record["settings"]
+    return [
+        f"**A --quick run: a pipeline check, not results.** Its models trained {s['train_steps']} steps (VAE "
+        f"{s['vae_steps']}) and each condition has {s['seeds_per_prompt']} sample(s) per prompt, so the verdicts "
+        "below only show that every step of the study runs end to end; they say nothing about the effects. "
+        "Run `python -m sgm.eval.conditioning_study` without --quick for results.",
+        "",
+    ]
+
+
 def markdown(record: Mapping[str, Any], verdicts: Sequence[Mapping[str, Any]]) -> str:
     s, vae = record["settings"], record["vae"]
     runs = record["runs"]
@@ -366,6 +392,7 @@ def markdown(record: Mapping[str, Any], verdicts: Sequence[Mapping[str, Any]]) -
         "",
         "## Verdicts",
         "",
+        *quick_run_note(record),
         f"An effect in the right direction counts as shown only at one-sided p < {ALPHA}.",
         "",
         *[f"- **{v['status']}**: {v['effect']}: {v['numbers']}" for v in verdicts],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -107,8 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = merge(args.base, args.out, args.lora, torch.float16 if args.fp16 else None, args.model)
     except LoRAFileError as error:  # a LoRA that does not fit the model: exit code 2
         raise report_lora_error(error) from None
-    except (ValueError, FileNotFoundError) as error:  # user-caused: one message, no traceback
-        raise SystemExit(f"error: {error}") from None
+    except (ValueError, FileNotFoundError) as error:  # user-caused: one message, no traceback, exit code 2
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     for lora in result["loras"]:
         print(
             f"[sgm] merged {lora['path']} at scale {lora['scale']:g} "

@@ -54,6 +54,8 @@ RESUMABLE_CHANGES = (
     "progress",
     "data.num_workers",
     "module.compile",
+    "validation",  # the holdout split itself is recorded and kept (sgm/training/validation_split.py)
+    "eval_metrics",
 )
 MISSING_FIXES = {
     "name": "name=<run> (the run's folder: outputs/runs/<run>; only the demo experiment sets one)",

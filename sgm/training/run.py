@@ -34,6 +34,7 @@ from sgm.training.callbacks import (
 )
 from sgm.training.checkpoint_io import AtomicCheckpointIO, SafeModelCheckpoint
 from sgm.training.datamodule import SDXLDataModule
+from sgm.training.eval_callback import build_eval_callback
 from sgm.training.loggers import describe_logger
 from sgm.training.preemption import Preempted, slurm_callbacks, slurm_plugins
 from sgm.training.preflight import (
@@ -53,24 +54,62 @@ from sgm.training.progress import (
     detach_log_file,
     progress_interval,
 )
+from sgm.training.summary import run_summary
+from sgm.training.validation import validation_callbacks
+from sgm.training.validation_split import validation_plan
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def ensure_demo_data(cfg: DictConfig) -> None:
-    """Build the emoji demo shards when the config asks for them and none are there yet."""
+    """Build the emoji demo shards when the config asks for them and none are there yet, and their held-out
+    set (demo_data.val_samples, in <out>/val) when it is missing or of another size (also beside shards
+    built before the demo had one)."""
     spec = cfg.get("demo_data")
-    if not spec or glob.glob(os.path.join(str(spec.out), "*.tar")):
+    if not spec:
         return
-    from sgm.data.demo_dataset import build_demo_dataset
+    from sgm.data.demo_dataset import VAL_FOLDER, build_demo_dataset, build_demo_val_shards
 
-    LOGGER.info(f"building the demo dataset in {spec.out} ({spec.num_samples} samples)")
-    build_demo_dataset(
-        spec.out,
-        num_samples=int(spec.num_samples),
-        num_emoji=spec.get("num_emoji"),
-        samples_per_shard=int(spec.get("samples_per_shard", 128)),
-    )
+    common = {"num_emoji": spec.get("num_emoji"), "samples_per_shard": int(spec.get("samples_per_shard", 128))}
+    val_samples = int(spec.get("val_samples") or 0)
+    if not glob.glob(os.path.join(str(spec.out), "*.tar")):
+        LOGGER.info(f"building the demo dataset in {spec.out} ({spec.num_samples} samples)")
+        build_demo_dataset(spec.out, num_samples=int(spec.num_samples), val_samples=val_samples, **common)
+        return
+    summary = Path(str(spec.out)) / VAL_FOLDER / "_build_summary.json"
+    if val_samples and (not summary.is_file() or json.loads(summary.read_text()).get("written") != val_samples):
+        LOGGER.info(f"building the demo's held-out set in {summary.parent} ({val_samples} samples)")
+        build_demo_val_shards(spec.out, val_samples, **common)
+
+
+def ensure_demo_vae(cfg: DictConfig, resume_from: str | None) -> None:
+    """The demo's trained VAE (demo_vae; sgm.training.demo_vae): trained once on the demo shards, then reused.
+    The run starts from it as from any file: pretrained=<it> pretrained_parts=[vae] model.scale_factor=<its
+    factor> (lineage.json records it). A resume takes those three from its run's config.yaml instead: the
+    VAE it trained with, whatever demo_vae says now (the resume check lists a changed demo_vae)."""
+    spec = cfg.get("demo_vae")
+    if not spec:
+        return
+    recorded = run_dir_of(Path(resume_from)) if resume_from else None
+    if recorded is not None:
+        started = OmegaConf.load(recorded / "config.yaml")
+        cfg.pretrained, cfg.pretrained_parts = started.get("pretrained"), started.get("pretrained_parts")
+        cfg.model.scale_factor = started.model.scale_factor
+        return
+    if cfg.get("pretrained"):
+        raise ConfigError(
+            "demo_vae",
+            f"the demo trains its own VAE, and pretrained={cfg.pretrained} would give the model another",
+            "demo_vae=null to start from the file (or drop pretrained)",
+        )
+    from sgm.training.demo_vae import describe, ensure_vae
+
+    try:
+        vae = ensure_vae(cfg, spec)
+    except ValueError as error:
+        raise ConfigError("demo_vae", str(error), "demo_vae: {out, steps, lr, patch_size, batch_size, ...}") from None
+    LOGGER.info(describe(vae))
+    cfg.pretrained, cfg.pretrained_parts, cfg.model.scale_factor = str(vae.path), ["vae"], vae.scale_factor
 
 
 def resolve_resume(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
@@ -139,6 +178,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[pl.Callb
     if isinstance(trainer_kwargs.get("strategy"), dict):  # a `_target_` strategy (the sharded configs)
         trainer_kwargs["strategy"] = instantiate(trainer_kwargs["strategy"], _convert_="all")
     sharded = not plan_for(trainer_kwargs.get("strategy")).samples_on_rank_zero  # samples run on rank 0 alone
+    evaluation = build_eval_callback(cfg, run_dir, trainer_kwargs.get("strategy"))  # checks its files now
     if sharded and rank_zero_only.rank == 0:
         LOGGER.info("ZeRO-3: no validation samples during training; sample from the exported file")
     return pl.Trainer(
@@ -148,6 +188,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[pl.Callb
         callbacks=[
             checkpoints,
             *([] if sharded else [samples]),
+            *([evaluation] if evaluation else []),
             ThroughputMonitor(),
             CheckpointOnBadData(run_dir / "checkpoints" / "stopped_bad_data.ckpt"),
             *extra,
@@ -196,19 +237,26 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> di
         ckpt_path = resolve_resume(cfg, run_dir / "checkpoints")
     except ValueError as error:  # a checkpoint of the wrong kind for the strategy (the message names the fix)
         raise ConfigError("resume", str(error)) from None
+    ensure_demo_vae(cfg, ckpt_path)  # sets pretrained (the demo's trained VAE) before the resume check compares it
     check_resume(cfg, ckpt_path)
     check_resume_layout(cfg, ckpt_path)
+    validation = validation_plan(cfg, ckpt_path)  # the held-out shards; training reads validation.train_data
     done = finished_outputs(cfg, run_dir, ckpt_path)
     if done is not None:
         return done
     module = build_module(cfg, ckpt_path)
     datamodule = SDXLDataModule(
-        instantiate(cfg.data),
+        instantiate(validation.train_data or cfg.data),
         reshard=bool(cfg.get("resume_reshard")),
         allow_changes=bool(cfg.get("resume_allow_changes")),
     )
     resharding = RemoveReshardedCopy(run_dir / "checkpoints") if ckpt_path and cfg.get("resume_reshard") else None
-    trainer = build_trainer(cfg, run_dir, [*(extra_callbacks or []), *([resharding] if resharding else [])])
+    callbacks = [
+        *(extra_callbacks or []),
+        *([resharding] if resharding else []),
+        *validation_callbacks(cfg, validation),
+    ]
+    trainer = build_trainer(cfg, run_dir, callbacks)
     fit_path = ckpt_path
     if resharding is not None:  # maybe another world size: the plan says what loads there
         fit_path = str(plan_for(trainer.strategy).reshard_for_resume(ckpt_path, trainer.world_size))
@@ -314,4 +362,6 @@ def finish(cfg: DictConfig, trainer: pl.Trainer, run_dir: Path) -> dict[str, str
     (run_dir / "outputs.json").write_text(json.dumps(outputs, indent=2))
     for key, value in outputs.items():  # through the "sgm" logger: the console and train.log
         LOGGER.info(f"{key}: {value}")
+    for line in run_summary(run_dir, outputs):  # the evidence: held-out loss first -> last, the grid, the VAE
+        LOGGER.info(line)
     return outputs

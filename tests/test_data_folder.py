@@ -343,7 +343,7 @@ def test_concurrent_builds_agree(folder, tmp_path, monkeypatch, lock):
     import sgm.data.folder as folder_module
 
     if not lock:
-        monkeypatch.setattr(folder_module, "_locked", lambda path: contextlib.nullcontext())
+        monkeypatch.setattr(folder_module, "file_lock", lambda path: contextlib.nullcontext())
     barrier, results = threading.Barrier(3), []
 
     def build() -> None:

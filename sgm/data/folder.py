@@ -317,7 +317,7 @@ def build_once(final: Path, complete: Callable[[], Built | None], write: Callabl
         return found, None
     cache_root = final.parent
     cache_root.mkdir(parents=True, exist_ok=True)
-    with _locked(cache_root / f".{final.name}.lock"):
+    with file_lock(cache_root / f".{final.name}.lock"):
         found = complete()  # another process built it while this one waited
         if found is not None:
             return found, None
@@ -365,7 +365,8 @@ def _complete(final: Path, fingerprint: str) -> FolderShards | None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on the file at `path` while the block runs (where the file system can lock; else none)."""
     import fcntl
 
     with open(path, "a") as handle:

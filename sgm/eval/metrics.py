@@ -26,12 +26,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from sgm.diffusion.samplers import DPMPP2MSampler
+
+if TYPE_CHECKING:
+    from sgm.eval.fid import FeatureStats
 
 SAMPLER = "dpmpp2m"
 METRIC_NAMES = ("fid", "kid_mean", "kid_std", "clip_score")
@@ -131,17 +134,20 @@ def image_features(images: Tensor, inception: torch.nn.Module) -> Tensor:
 
 
 def metrics_from_features(
-    features: Tensor | None, clip_scores: Tensor | None, reference_features: Tensor | None
+    features: Tensor | None,
+    clip_scores: Tensor | None,
+    reference_features: Tensor | None,
+    reference_stats: FeatureStats | None = None,
 ) -> dict[str, float | int]:
-    """fid, kid_mean, kid_std (features and reference given), clip_score (scores given), num_samples."""
+    """fid, kid_mean, kid_std (features and reference given), clip_score (scores given), num_samples.
+    `reference_stats`: the reference features' statistics when the caller keeps them (computed here otherwise)."""
     from sgm.eval.fid import FeatureStats, frechet_distance, kernel_inception_distance
 
     count = len(features) if features is not None else len(clip_scores) if clip_scores is not None else 0
     metrics: dict[str, float | int] = {}
     if features is not None and reference_features is not None:
-        metrics["fid"] = float(
-            frechet_distance(FeatureStats.from_features(features), FeatureStats.from_features(reference_features))
-        )
+        reference = reference_stats if reference_stats is not None else FeatureStats.from_features(reference_features)
+        metrics["fid"] = float(frechet_distance(FeatureStats.from_features(features), reference))
         kid_mean, kid_std = kernel_inception_distance(features, reference_features)
         metrics["kid_mean"], metrics["kid_std"] = float(kid_mean), float(kid_std)
     if clip_scores is not None:

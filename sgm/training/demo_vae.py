@@ -15,7 +15,6 @@ together train it once.
 
 from __future__ import annotations
 
-import fcntl
 import glob
 import hashlib
 import json
@@ -29,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sgm.checkpoint.io import read_metadata
+from sgm.data.folder import file_lock
 from sgm.training.vae_training import VAETrainingSettings
 
 SETTING_KEYS = tuple(asdict(VAETrainingSettings()))  # demo_vae keys passed to the trainer (steps, lr, ...)
@@ -98,8 +98,7 @@ def ensure_vae(cfg: DictConfig, spec: Mapping[str, Any]) -> DemoVAE:
     out = Path(str(spec["out"]))
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"vae-{key_digest(key)}.safetensors"
-    with open(out / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another run training the same file: wait for it, then reuse it
+    with file_lock(out / ".lock"):  # another run training the same file: wait for it, then reuse it
         if path.is_file():
             metadata = read_metadata(path)
             record = json.loads(metadata.get("sgm.vae_training", "{}"))

@@ -17,7 +17,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
@@ -29,6 +29,9 @@ from sgm.eval.metrics import EvalSettings, ProgressLine, eval_jobs, metrics_from
 from sgm.parallel import plan_for
 from sgm.training.preflight import ConfigError
 from sgm.training.progress import LOGGER
+
+if TYPE_CHECKING:
+    from sgm.eval.fid import FeatureStats
 
 KEY = "eval_metrics"
 METRICS_LOG = "metrics.jsonl"
@@ -59,6 +62,7 @@ class EvalMetrics(pl.Callback):
         self.inception: torch.nn.Module | None = None
         self.clip: Any = None
         self.reference_features: Tensor | None = None
+        self.reference_stats: FeatureStats | None = None  # of reference_features: computed once
         self.results: list[dict[str, Any]] = []
         self._last_step = -1
 
@@ -84,6 +88,9 @@ class EvalMetrics(pl.Callback):
                     max_images=self.settings.max_reference_images,
                     cache_dir=self.cache_dir,
                 )
+            from sgm.eval.fid import FeatureStats
+
+            self.reference_stats = FeatureStats.from_features(self.reference_features)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -123,7 +130,7 @@ class EvalMetrics(pl.Callback):
             scores = gather_in_job_order(trainer, scores.to(pl_module.device), total)
         if rank != 0:
             return None
-        metrics = metrics_from_features(features, scores, self.reference_features)
+        metrics = metrics_from_features(features, scores, self.reference_features, self.reference_stats)
         record = {"step": step, "weights": "ema" if ema else "raw", **metrics}
         self.results.append(record)
         logged = {LOGGED_NAMES[k]: v for k, v in metrics.items() if k in LOGGED_NAMES}

@@ -64,6 +64,7 @@ def runs(tmp_path_factory):
             "module.denoiser.scaling._target_=sgm.diffusion.denoiser.VScaling",
             "module.loss.weighting._target_=sgm.diffusion.weighting.VWeighting",
         ),
+        "scaled": train(folder, "scaled", "model.scale_factor=0.0777"),  # a VAE of its own scale (the demo's)
         "parent": parent,
     }
 
@@ -95,12 +96,14 @@ def sample(checkpoint: Path, out: Path) -> np.ndarray:
     return np.asarray(Image.open(png))
 
 
-@pytest.mark.parametrize("kind", ["scratch", "pretrained"])
+@pytest.mark.parametrize("kind", ["scratch", "pretrained", "scaled"])
 def test_cli_export_run_export_load_model_and_sampling_agree(runs, kind, tmp_path):
     run_dir = runs[kind]
     own = run_dir / f"{kind}_full.safetensors"
     reference = load_file(own)
     assert len(reference) > 200  # every part: UNet, both text towers, VAE
+    scale = 0.0777 if kind == "scaled" else 0.13025  # the file carries the latent scale its VAE was trained with
+    assert float(read_metadata(own)["sgm.scale_factor"]) == scale and load_model(own).model.scale_factor == scale
     for source in (run_dir, run_dir / "checkpoints" / "last.ckpt"):
         out = tmp_path / f"{Path(source).name}.safetensors"
         assert export_main([str(source), str(out)]) == 0
@@ -171,3 +174,13 @@ def test_a_v_prediction_run_exports_the_marker_and_loads_back_as_v_prediction(ru
     eps = runs["scratch"] / "scratch_full.safetensors"
     assert V_PRED_KEY not in read_layout(eps)
     assert load_model(eps).prediction == "eps" and read_metadata(eps)["modelspec.prediction_type"] == "epsilon"
+
+
+def test_a_unet_only_file_is_matched_by_the_config_it_records_when_its_unet_fits_two(runs, tmp_path):
+    """tiny and tiny_demo share their UNet, so a UNet-only file's tensors fit both: our export names its model."""
+    out = tmp_path / "unet.safetensors"
+    assert export_main([str(runs["scratch"]), str(out), "--unet-only"]) == 0
+    assert read_metadata(out)["sgm.model"] == "tiny" and load_model(out).info["model"] == "tiny"
+    bare = save_checkpoint(build_model("tiny"), tmp_path / "bare.safetensors", parts=["unet"])  # no sgm.model
+    with pytest.raises(ModelSourceError, match=r"matches several model configs \(tiny, tiny_demo\); pass --model"):
+        load_model(bare)

@@ -125,7 +125,7 @@ def test_frozen_parts_stay_in_eval_mode_after_train():
 
 
 def test_config_names_the_trainable_set(tmp_path):
-    cfg = compose_train([f"run_dir={tmp_path}", "+module.trainable.text_encoder_0.lr=2e-6"])
+    cfg = compose_train(["experiment=tiny_cpu", f"run_dir={tmp_path}", "+module.trainable.text_encoder_0.lr=2e-6"])
     module = build_module(cfg)
     assert module.trainable.names == ("unet", "text_encoder_0") and module.trainable.parts["text_encoder_0"].lr == 2e-6
     assert module.trainable.parts["unet"].lr is None  # the train.yaml default: module.lr

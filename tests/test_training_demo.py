@@ -158,11 +158,13 @@ def test_the_demo_run_logs_a_falling_val_loss_and_samples_with_its_trained_vae(d
     assert [step for step, _ in losses] == [0, 10, 20] and losses[-1][1] < losses[0][1]
     assert metric_rows(run_dir, "val/ema_loss")
     # the closing lines: the loss first -> last, the grid, the VAE
-    tail = result.stdout.splitlines()[-4:]
+    tail = result.stdout.splitlines()[-5:]
     assert re.match(r"\[sgm\] validation loss \(raw weights\): [\d.]+ at step 0 -> [\d.]+ at step 20 \(fell;", tail[0])
     assert re.match(r"\[sgm\] validation loss \(EMA weights\): [\d.]+ at step 0 -> [\d.]+ at step 20 ", tail[1])
     assert tail[2].startswith(f"[sgm] sample grid: {run_dir / 'samples'}")
-    assert tail[3].startswith(f"[sgm] VAE: {vae_file}, trained 2 steps by sgm.training.vae_training")
+    # the grid's check: the demo's prompts name red, black, white and yellow backgrounds (20 steps learn few)
+    assert re.match(r"\[sgm\] background colour as prompted in the grid: \d/4 \(red \d/1, black \d/1, white", tail[3])
+    assert tail[4].startswith(f"[sgm] VAE: {vae_file}, trained 2 steps by sgm.training.vae_training")
     # the run starts from the trained VAE as from any file, and records it as the VAE's source
     config = OmegaConf.load(run_dir / "config.yaml")
     scale = float(read_metadata(vae_file)["sgm.scale_factor"])

@@ -133,7 +133,9 @@ def test_adamw8bit_without_bitsandbytes_names_the_install(monkeypatch):
 
 
 def test_config_choice_reaches_configure_optimizers(tmp_path):
-    cfg = compose_train([f"run_dir={tmp_path}", "module.optimizer=adafactor", "+module.optimizer_kwargs.d=2.0"])
+    cfg = compose_train(
+        ["experiment=tiny_cpu", f"run_dir={tmp_path}", "module.optimizer=adafactor", "+module.optimizer_kwargs.d=2.0"]
+    )
     module = build_module(cfg)
     module.trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False)
     optimizer = module.configure_optimizers()["optimizer"]

@@ -183,7 +183,16 @@ def official_files(tmp_path):
 
 def test_pretrained_parts_loads_only_the_unet_from_an_official_file(official_files, tmp_path):
     base, base_file, _ = official_files
-    cfg = compose_train([f"pretrained={base_file}", "pretrained_parts=[unet]", "seed=7", f"run_dir={tmp_path}"])
+    cfg = compose_train(
+        [
+            "experiment=tiny_cpu",
+            "name=t",
+            f"pretrained={base_file}",
+            "pretrained_parts=[unet]",
+            "seed=7",
+            f"run_dir={tmp_path}",
+        ]
+    )
     module = build_module(cfg)
     same = [torch.equal(a, b) for a, b in zip(module.model.unet.state_dict().values(), base.unet.state_dict().values())]
     assert all(same)

@@ -39,7 +39,7 @@ def shards(tmp_path_factory) -> Path:
     return make_shards(tmp_path_factory.mktemp("shards"), num_samples=24, num_emoji=2, samples_per_shard=6)
 
 
-# the demo experiment's validation schedule is replaced by each test's (fast_overrides drops its held-out shards)
+# validation off unless a test turns it on (fast_overrides runs experiment=tiny_cpu: no held-out shards)
 PLAIN = ["validation.every_n_steps=0", "validation.at_start=false"]
 
 

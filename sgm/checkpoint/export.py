@@ -3,7 +3,7 @@
 The file holds the chosen parts under the released files' keys, the `v_pred` marker for a v-prediction
 model (what ComfyUI and kohya's scripts read to pick the parametrization; the project's loader reads it
 back), and metadata: which weights (EMA or raw), the step, the prediction type (also as modelspec's
-`modelspec.prediction_type`), the model config's name.
+`modelspec.prediction_type`), the model config's name and, with the VAE, its latent scale factor.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from sgm.checkpoint.io import save_checkpoint
+from sgm.checkpoint.io import SCALE_FACTOR_KEY, save_checkpoint
 from sgm.checkpoint.model_source import LoadedModel, load_model
 from sgm.checkpoint.official_layout import PARTS, V_PRED_KEY, check_parts
 
@@ -36,6 +36,8 @@ def export_loaded(
         "sgm.prediction": loaded.prediction,
         "modelspec.prediction_type": MODELSPEC_PREDICTION[loaded.prediction],
     }
+    if "vae" in parts:  # the latent scale the VAE was trained with (a VAE trained here has its own)
+        metadata[SCALE_FACTOR_KEY] = repr(float(loaded.model.scale_factor))
     return save_checkpoint(loaded.model, out_path, parts=parts, dtype=dtype, metadata=metadata, extra_tensors=extra)
 
 

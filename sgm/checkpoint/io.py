@@ -24,6 +24,7 @@ from sgm.checkpoint.official_layout import (
 )
 
 _SHOW = 8
+SCALE_FACTOR_KEY = "sgm.scale_factor"  # metadata: the latent scale of the file's VAE (when not SDXL's 0.13025)
 
 
 class CheckpointMismatchError(ValueError):

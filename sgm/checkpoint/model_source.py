@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sgm.checkpoint.fingerprints import group_states, weight_group
-from sgm.checkpoint.io import load_checkpoint, read_layout, read_metadata
+from sgm.checkpoint.io import SCALE_FACTOR_KEY, load_checkpoint, read_layout, read_metadata
 from sgm.checkpoint.lineage import LINEAGE_FILE, LineageError, part_of_group, read_lineage, restore_frozen
 from sgm.checkpoint.matching import match_file
 from sgm.checkpoint.official_layout import PARTS, V_PRED_KEY, check_parts, part_of_key
@@ -261,7 +261,7 @@ def _from_official(
         raise ModelSourceError(
             f"weights=raw: {path} was exported with EMA weights; load the run's checkpoint with raw weights"
         )
-    config = model_config or _matching_config(layout, path)
+    config = model_config or _matching_config(layout, path, metadata.get("sgm.model"))
     missing = [p for p in wanted if p not in present]
     if missing and pretrained is None:
         print(
@@ -280,6 +280,11 @@ def _from_official(
     load_checkpoint(model, path, parts=present)
     if missing and pretrained is not None:
         load_pretrained(model, pretrained, missing)
+    vae_metadata = (
+        metadata if "vae" in present else read_metadata(pretrained) if "vae" in missing and pretrained else {}
+    )
+    if vae_metadata.get(SCALE_FACTOR_KEY):  # a VAE trained here carries its own latent scale (export, VAE trainer)
+        model.scale_factor = float(vae_metadata[SCALE_FACTOR_KEY])
     denoiser = DiscreteDenoiser(VScaling() if V_PRED_KEY in layout else EpsScaling())
     info = {
         "checkpoint": str(path.absolute()),
@@ -292,11 +297,12 @@ def _from_official(
     return LoadedModel(model, denoiser, info)
 
 
-def _matching_config(layout: dict[str, tuple[int, ...]], path: Path) -> str:
-    """The one shipped model config whose official layout the file's tensors equal."""
+def _matching_config(layout: dict[str, tuple[int, ...]], path: Path, recorded: str | None = None) -> str:
+    """The one shipped model config whose official layout the file's tensors equal; where several do (a UNet-only
+    file of two configs sharing a UNet), the one the file's `sgm.model` metadata names, if it is among them."""
     names = sorted({match.split(" (")[0] for match in match_file(layout)})
-    if len(names) == 1:
-        return names[0]
+    if len(names) == 1 or (len(names) > 1 and recorded in names):
+        return names[0] if len(names) == 1 else str(recorded)
     found = f"matches several model configs ({', '.join(names)})" if names else "matches no shipped model config"
     raise ModelSourceError(f"{path} {found}; pass --model NAME or a .yaml path (`python -m sgm.inspect {path}`)")
 

@@ -67,8 +67,8 @@ def generate_latents(
     zeroes its text embeddings unless a negative prompt is given (then it is encoded, as diffusers'
     force_zeros_for_empty_prompt does); one with aesthetic-score conditioning (refiner) encodes the
     negative prompt with the negative aesthetic score. `zero_uncond_text` overrides that choice: False
-    encodes the negative prompts even when empty (a model trained with caption_dropout_rate learned ""),
-    True zeroes them. `refiner_strength` stops a base run where a
+    encodes the negative prompts even when empty, True zeroes them; left None, a model whose conditioner has
+    caption_dropout_rate > 0 (it learned the empty caption, not zeroed embeddings) is guided against "". `refiner_strength` stops a base run where a
     refiner of that strength takes over; pass its output to the refiner as `init_latents` with the
     same `strength` and `add_noise=False` (the paper's two-stage pipeline).
     `seed` as a sequence gives one seed per prompt: each image's starting noise then depends on its
@@ -88,7 +88,8 @@ def generate_latents(
     batch, uc_batch = (_to(b, cond_device) for b in (batch, uc_batch))
     is_refiner = "aesthetic_score" in keys
     cond = _to(model.conditioner(batch), device)
-    zero_text = not is_refiner and not any(negatives) if zero_uncond_text is None else zero_uncond_text
+    learned_empty = model.conditioner.caption_dropout_rate > 0  # trained on "" captions: guide against ""
+    zero_text = not (is_refiner or any(negatives) or learned_empty) if zero_uncond_text is None else zero_uncond_text
     uncond = _to(model.conditioner(uc_batch, zero_keys=("txt",) if zero_text else ()), device)
     seeds = [seed] if isinstance(seed, int) else list(seed)
     generator = torch.Generator(device="cpu").manual_seed(seeds[0])

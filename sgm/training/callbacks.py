@@ -19,7 +19,7 @@ from sgm.parallel import COMPLETE_MARKER, newest_checkpoint, plan_for, save_trai
 
 
 class SampleImages(pl.Callback):
-    """Every `every_n_steps` optimizer steps (and at the end) sample the prompts, one seed per column.
+    """Every `every_n_steps` optimizer steps (and at the end) sample the prompts, one seed per row.
 
     Uses the EMA weights when the module has them (its `ema_applied`). Rank 0 only, and only where the
     strategy lets rank 0 run the model alone (not with sharded weights); the grid (rows = seeds, columns =
@@ -84,7 +84,7 @@ class SampleImages(pl.Callback):
                             sampler=sampler,
                             denoiser=getattr(pl_module, "denoiser", None),
                             guidance_scale=self.guidance_scale,
-                            seed=seed,
+                            seed=[seed] * len(self.prompts),  # a row shares its noise: columns differ by prompt only
                         )
                     rows.append(latents_to_uint8(model, latents))
         finally:

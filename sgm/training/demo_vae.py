@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sgm.checkpoint.io import read_metadata
+from sgm.checkpoint.io import SCALE_FACTOR_KEY, read_metadata
 from sgm.data.folder import file_lock
 from sgm.training.vae_training import VAETrainingSettings
 
@@ -102,7 +102,7 @@ def ensure_vae(cfg: DictConfig, spec: Mapping[str, Any]) -> DemoVAE:
         if path.is_file():
             metadata = read_metadata(path)
             record = json.loads(metadata.get("sgm.vae_training", "{}"))
-            return DemoVAE(path, float(metadata["sgm.scale_factor"]), False, record)
+            return DemoVAE(path, float(metadata[SCALE_FACTOR_KEY]), False, record)
         started = time.time()
         with torch.random.fork_rng(devices=[]):  # the run's own random state stays as seeded
             record = train_vae(vae_cfg, path, settings)

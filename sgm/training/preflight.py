@@ -5,7 +5,7 @@ one `ConfigError` naming the key and the fix, which the entry point prints as on
 
 The demo rule: `experiment=demo` (train.yaml's default) is the README's demo job. With it active, a
 choice of your own model, data, stage or pretrained file is an error naming `~experiment` as the fix,
-so a real run never trains silently with the demo's 200 steps, 2 threads and emoji data. Without the
+so a real run never trains silently with the demo's 300 steps, 2 threads and emoji data. Without the
 demo, `name` has no default: each run names its own folder (outputs/runs/<name>).
 
 The resume rule: continuing a checkpoint with settings other than the ones its run recorded
@@ -211,7 +211,7 @@ def check_demo_rule(cfg: DictConfig, overrides: list[str], choices: dict[str, An
     if own:
         raise ConfigError(
             "experiment",
-            f"the demo experiment (the default) is on, and its settings (200 steps, "
+            f"the demo experiment (the default) is on, and its settings (300 steps, "
             f"emoji data, 2 threads) would apply to your {' '.join(own)}",
             fix,
         )

@@ -10,9 +10,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
+from sgm.checkpoint.io import SCALE_FACTOR_KEY
 from sgm.checkpoint.lineage import FROZEN_FILE, read_lineage
+from sgm.checkpoint.model_source import RUN_CONFIG
+from sgm.eval.prompt_colours import grid_agreement
 from sgm.training.validation import read_validation_log
 
 WEIGHTS_NAMES = {"raw": "raw weights", "ema": "EMA weights"}
@@ -50,7 +56,7 @@ def vae_line(run_dir: str | os.PathLike) -> str | None:
             how = f", trained {trained.get('steps')} steps by sgm.training.vae_training" + (
                 f" (L1/pixel {l1:.3f})" if l1 is not None else ""
             )
-        scale = metadata.get("sgm.scale_factor")
+        scale = metadata.get(SCALE_FACTOR_KEY)
         return f"VAE: {parent.get('path')}{how}" + (f", latent scale factor {float(scale):.5f}" if scale else "")
     if source == FROZEN_FILE:
         return (
@@ -60,11 +66,31 @@ def vae_line(run_dir: str | os.PathLike) -> str | None:
     return "VAE: trained by this run" if "vae" in (record.get("trained") or []) else None
 
 
+def grid_colour_line(run_dir: str | os.PathLike, grid: str) -> str | None:
+    """How many of the grid's images show the background colour their prompt names (when every prompt names one
+    of the demo vocabulary's colours, as the demo's do)."""
+    config_path = Path(run_dir) / RUN_CONFIG
+    if not config_path.is_file():
+        return None
+    samples = OmegaConf.load(config_path).samples
+    agreement = grid_agreement(grid, list(samples.prompts), int(samples.height), int(samples.width))
+    if agreement is None:
+        return None
+    return (
+        f"background colour as prompted in the grid: {agreement.describe()} (the median colour of each image's "
+        "border, named by the nearest demo colour)"
+    )
+
+
 def run_summary(run_dir: str | os.PathLike, outputs: Mapping[str, str]) -> list[str]:
-    """The closing lines: validation loss first -> last, the sample grid, the VAE (each when the run has it)."""
+    """The closing lines: validation loss first -> last, the sample grid (and whether its images show the background
+    colours their prompts name), the VAE (each when the run has it)."""
     lines = validation_lines(read_validation_log(run_dir))
     if outputs.get("samples"):
         lines.append(f"sample grid: {outputs['samples']} (a column per prompt, a row per seed)")
+        colours = grid_colour_line(run_dir, outputs["samples"])
+        if colours:
+            lines.append(colours)
     vae = vae_line(run_dir)
     if vae:
         lines.append(vae)

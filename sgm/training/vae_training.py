@@ -36,7 +36,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from sgm import config_dir
-from sgm.checkpoint.io import save_checkpoint
+from sgm.checkpoint.io import SCALE_FACTOR_KEY, save_checkpoint
 from sgm.models.autoencoder import AutoencoderKL
 from sgm.training.module import pixels_to_unit_range
 
@@ -159,7 +159,7 @@ def train_vae(cfg: DictConfig, out: str | Path, settings: VAETrainingSettings) -
     }
     out = Path(out)
     save_checkpoint(
-        model, out, parts=["vae"], metadata={"sgm.scale_factor": repr(scale), "sgm.vae_training": json.dumps(record)}
+        model, out, parts=["vae"], metadata={SCALE_FACTOR_KEY: repr(scale), "sgm.vae_training": json.dumps(record)}
     )
     out.with_name(f"{out.stem}_training.json").write_text(json.dumps(record, indent=2))
     print(f"[vae] wrote {out}; latent scale factor {scale:.5f} (pass model.scale_factor={scale:.5f})", flush=True)

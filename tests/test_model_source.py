@@ -64,7 +64,9 @@ def runs(tmp_path_factory):
             "module.denoiser.scaling._target_=sgm.diffusion.denoiser.VScaling",
             "module.loss.weighting._target_=sgm.diffusion.weighting.VWeighting",
         ),
-        "scaled": train(folder, "scaled", "model.scale_factor=0.0777"),  # a VAE of its own scale (the demo's)
+        "scaled": train(  # the demo's: a VAE of its own latent scale, a model that learned the empty caption
+            folder, "scaled", "model.scale_factor=0.0777", "model.conditioner.caption_dropout_rate=0.2"
+        ),
         "parent": parent,
     }
 
@@ -104,6 +106,8 @@ def test_cli_export_run_export_load_model_and_sampling_agree(runs, kind, tmp_pat
     assert len(reference) > 200  # every part: UNet, both text towers, VAE
     scale = 0.0777 if kind == "scaled" else 0.13025  # the file carries the latent scale its VAE was trained with
     assert float(read_metadata(own)["sgm.scale_factor"]) == scale and load_model(own).model.scale_factor == scale
+    dropout = 0.2 if kind == "scaled" else 0.0  # sampling the file guides against "" as sampling the run does
+    assert load_model(own).model.conditioner.caption_dropout_rate == dropout
     for source in (run_dir, run_dir / "checkpoints" / "last.ckpt"):
         out = tmp_path / f"{Path(source).name}.safetensors"
         assert export_main([str(source), str(out)]) == 0

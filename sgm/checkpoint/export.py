@@ -3,7 +3,8 @@
 The file holds the chosen parts under the released files' keys, the `v_pred` marker for a v-prediction
 model (what ComfyUI and kohya's scripts read to pick the parametrization; the project's loader reads it
 back), and metadata: which weights (EMA or raw), the step, the prediction type (also as modelspec's
-`modelspec.prediction_type`), the model config's name and, with the VAE, its latent scale factor.
+`modelspec.prediction_type`), the model config's name, with the VAE its latent scale factor, and the caption
+dropout rate of a model trained with one (sampling then guides against the empty caption, as from the run).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from sgm.checkpoint.io import SCALE_FACTOR_KEY, save_checkpoint
+from sgm.checkpoint.io import CAPTION_DROPOUT_KEY, SCALE_FACTOR_KEY, save_checkpoint
 from sgm.checkpoint.model_source import LoadedModel, load_model
 from sgm.checkpoint.official_layout import PARTS, V_PRED_KEY, check_parts
 
@@ -38,6 +39,8 @@ def export_loaded(
     }
     if "vae" in parts:  # the latent scale the VAE was trained with (a VAE trained here has its own)
         metadata[SCALE_FACTOR_KEY] = repr(float(loaded.model.scale_factor))
+    if loaded.model.conditioner.caption_dropout_rate > 0:  # trained on "" captions: its sampling guides against ""
+        metadata[CAPTION_DROPOUT_KEY] = repr(float(loaded.model.conditioner.caption_dropout_rate))
     return save_checkpoint(loaded.model, out_path, parts=parts, dtype=dtype, metadata=metadata, extra_tensors=extra)
 
 

@@ -25,6 +25,7 @@ from sgm.checkpoint.official_layout import (
 
 _SHOW = 8
 SCALE_FACTOR_KEY = "sgm.scale_factor"  # metadata: the latent scale of the file's VAE (when not SDXL's 0.13025)
+CAPTION_DROPOUT_KEY = "sgm.caption_dropout_rate"  # metadata: > 0 when the model learned "" (sampling guides against it)
 
 
 class CheckpointMismatchError(ValueError):

@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sgm.checkpoint.fingerprints import group_states, weight_group
-from sgm.checkpoint.io import SCALE_FACTOR_KEY, load_checkpoint, read_layout, read_metadata
+from sgm.checkpoint.io import CAPTION_DROPOUT_KEY, SCALE_FACTOR_KEY, load_checkpoint, read_layout, read_metadata
 from sgm.checkpoint.lineage import LINEAGE_FILE, LineageError, part_of_group, read_lineage, restore_frozen
 from sgm.checkpoint.matching import match_file
 from sgm.checkpoint.official_layout import PARTS, V_PRED_KEY, check_parts, part_of_key
@@ -285,6 +285,8 @@ def _from_official(
     )
     if vae_metadata.get(SCALE_FACTOR_KEY):  # a VAE trained here carries its own latent scale (export, VAE trainer)
         model.scale_factor = float(vae_metadata[SCALE_FACTOR_KEY])
+    if metadata.get(CAPTION_DROPOUT_KEY):  # a model that learned the empty caption: sampled as from its run
+        model.conditioner.caption_dropout_rate = float(metadata[CAPTION_DROPOUT_KEY])
     denoiser = DiscreteDenoiser(VScaling() if V_PRED_KEY in layout else EpsScaling())
     info = {
         "checkpoint": str(path.absolute()),

@@ -303,8 +303,10 @@ def _matching_config(layout: dict[str, tuple[int, ...]], path: Path, recorded: s
     """The one shipped model config whose official layout the file's tensors equal; where several do (a UNet-only
     file of two configs sharing a UNet), the one the file's `sgm.model` metadata names, if it is among them."""
     names = sorted({match.split(" (")[0] for match in match_file(layout)})
-    if len(names) == 1 or (len(names) > 1 and recorded in names):
-        return names[0] if len(names) == 1 else str(recorded)
+    if len(names) == 1:
+        return names[0]
+    if recorded in names:
+        return str(recorded)
     found = f"matches several model configs ({', '.join(names)})" if names else "matches no shipped model config"
     raise ModelSourceError(f"{path} {found}; pass --model NAME or a .yaml path (`python -m sgm.inspect {path}`)")
 

@@ -66,11 +66,11 @@ def generate_latents(
     The unconditional branch follows the reference: a model with target-size conditioning (base)
     zeroes its text embeddings unless a negative prompt is given (then it is encoded, as diffusers'
     force_zeros_for_empty_prompt does); one with aesthetic-score conditioning (refiner) encodes the
-    negative prompt with the negative aesthetic score. `zero_uncond_text` overrides that choice: False
-    encodes the negative prompts even when empty, True zeroes them; left None, a model whose conditioner has
-    caption_dropout_rate > 0 (it learned the empty caption, not zeroed embeddings) is guided against "". `refiner_strength` stops a base run where a
-    refiner of that strength takes over; pass its output to the refiner as `init_latents` with the
-    same `strength` and `add_noise=False` (the paper's two-stage pipeline).
+    negative prompt with the negative aesthetic score; a model whose conditioner has caption_dropout_rate > 0
+    learned the empty caption, not zeroed embeddings, and is guided against "". `zero_uncond_text` overrides
+    that choice: False encodes the negative prompts even when empty, True zeroes them. `refiner_strength`
+    stops a base run where a refiner of that strength takes over; pass its output to the refiner as
+    `init_latents` with the same `strength` and `add_noise=False` (the paper's two-stage pipeline).
     `seed` as a sequence gives one seed per prompt: each image's starting noise then depends on its
     own seed only, so an image is the same whatever batch it is sampled in.
     """

@@ -188,3 +188,12 @@ def test_a_unet_only_file_is_matched_by_the_config_it_records_when_its_unet_fits
     bare = save_checkpoint(build_model("tiny"), tmp_path / "bare.safetensors", parts=["unet"])  # no sgm.model
     with pytest.raises(ModelSourceError, match=r"matches several model configs \(tiny, tiny_demo\); pass --model"):
         load_model(bare)
+
+
+def test_a_run_from_an_exported_file_takes_the_latent_scale_of_its_vae(runs, tmp_path):
+    """The demo's export (a VAE of its own scale) as a fine-tune's base: the run uses that scale, not the config's."""
+    exported = runs["scaled"] / "scaled_full.safetensors"
+    child = train(tmp_path, "child", f"pretrained={exported}")
+    assert load_model(child).model.scale_factor == 0.0777
+    unet_only = train(tmp_path, "unet_only", f"pretrained={exported}", "pretrained_parts=[unet]")
+    assert load_model(unet_only).model.scale_factor == 0.13025  # its VAE is the config's own: so is the scale

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from sgm.checkpoint.export import export_adapter, export_model
+from sgm.checkpoint.io import SCALE_FACTOR_KEY, read_metadata
 from sgm.checkpoint.lineage import read_lineage, restore_frozen, trained_groups, write_lineage
 from sgm.checkpoint.model_source import run_dir_of
 from sgm.checkpoint.pretrained import load_pretrained, require_pretrained_file
@@ -110,6 +111,25 @@ def ensure_demo_vae(cfg: DictConfig, resume_from: str | None) -> None:
         raise ConfigError("demo_vae", str(error), "demo_vae: {out, steps, lr, patch_size, batch_size, ...}") from None
     LOGGER.info(describe(vae))
     cfg.pretrained, cfg.pretrained_parts, cfg.model.scale_factor = str(vae.path), ["vae"], vae.scale_factor
+
+
+def adopt_pretrained_latent_scale(cfg: DictConfig) -> None:
+    """A pretrained file whose VAE was trained here records its latent scale factor (metadata sgm.scale_factor: an
+    export, the VAE trainer's file): a run taking that VAE uses it, as sampling the file does (a config's default,
+    SDXL's 0.13025, would mis-scale its latents). Released files carry none and change nothing."""
+    pretrained, parts = cfg.get("pretrained"), cfg.get("pretrained_parts")
+    path = Path(str(pretrained)) if pretrained else None
+    if (
+        path is None
+        or path.suffix != ".safetensors"
+        or not path.is_file()
+        or (parts is not None and "vae" not in parts)
+    ):
+        return
+    scale = read_metadata(path).get(SCALE_FACTOR_KEY)
+    if scale and float(scale) != float(cfg.model.scale_factor):
+        LOGGER.info(f"model.scale_factor={float(scale)}: the latent scale of {path}'s VAE (its metadata)")
+        cfg.model.scale_factor = float(scale)
 
 
 def resolve_resume(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
@@ -238,6 +258,7 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> di
     except ValueError as error:  # a checkpoint of the wrong kind for the strategy (the message names the fix)
         raise ConfigError("resume", str(error)) from None
     ensure_demo_vae(cfg, ckpt_path)  # sets pretrained (the demo's trained VAE) before the resume check compares it
+    adopt_pretrained_latent_scale(cfg)
     check_resume(cfg, ckpt_path)
     check_resume_layout(cfg, ckpt_path)
     validation = validation_plan(cfg, ckpt_path)  # the held-out shards; training reads validation.train_data

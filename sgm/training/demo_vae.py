@@ -3,8 +3,9 @@
 The tiny model's VAE is random at initialisation, so a demo that trained only the UNet would end with a grid
 of coloured noise. `demo_vae` in the demo experiment asks for one trained by the project's own VAE trainer
 (sgm.training.vae_training, as the conditioning study does); the run then starts from it like any other run
-starting from a file: `pretrained=<file> pretrained_parts=[vae] model.scale_factor=<its factor>`, which
-lineage.json records as the VAE's source, so sampling, export and `load_model` of the run use it.
+starting from a file: `pretrained=<file> pretrained_parts=[vae]` (the file's metadata gives the run its latent
+scale factor), which lineage.json records as the VAE's source, so sampling, export and `load_model` of the run
+use it.
 
 The file is `<out>/vae-<key>.safetensors`, the key a hash of everything the VAE depends on: the training
 shards' bytes, the data and VAE configs and the VAE training settings. A changed key trains a new file beside
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sgm.checkpoint.fingerprints import file_sha256
 from sgm.checkpoint.io import SCALE_FACTOR_KEY, read_metadata
 from sgm.data.folder import file_lock
 from sgm.training.vae_training import VAETrainingSettings
@@ -63,14 +65,7 @@ def training_config(cfg: DictConfig, spec: Mapping[str, Any]) -> DictConfig:
 
 def shards_sha256(pattern: str) -> dict[str, str]:
     """File name -> sha256 of every shard the pattern matches (the demo's few MB: read in well under a second)."""
-    hashes = {}
-    for path in sorted(glob.glob(pattern)):
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        hashes[Path(path).name] = digest.hexdigest()
-    return hashes
+    return {Path(path).name: file_sha256(path) for path in sorted(glob.glob(pattern))}
 
 
 def demo_vae_key(vae_cfg: DictConfig, settings: VAETrainingSettings) -> dict[str, Any]:

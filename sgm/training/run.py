@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from sgm.checkpoint.export import export_adapter, export_model
 from sgm.checkpoint.io import SCALE_FACTOR_KEY, read_metadata
 from sgm.checkpoint.lineage import read_lineage, restore_frozen, trained_groups, write_lineage
-from sgm.checkpoint.model_source import run_dir_of
+from sgm.checkpoint.model_source import RUN_CONFIG, run_dir_of
 from sgm.checkpoint.pretrained import load_pretrained, require_pretrained_file
 from sgm.diffusion.samplers import DPMPP2MSampler
 from sgm.models.build import build_model
@@ -85,17 +85,17 @@ def ensure_demo_data(cfg: DictConfig) -> None:
 
 def ensure_demo_vae(cfg: DictConfig, resume_from: str | None) -> None:
     """The demo's trained VAE (demo_vae; sgm.training.demo_vae): trained once on the demo shards, then reused.
-    The run starts from it as from any file: pretrained=<it> pretrained_parts=[vae] model.scale_factor=<its
-    factor> (lineage.json records it). A resume takes those three from its run's config.yaml instead: the
-    VAE it trained with, whatever demo_vae says now (the resume check lists a changed demo_vae)."""
+    The run starts from it as from any file: pretrained=<it> pretrained_parts=[vae] (lineage.json records it;
+    its latent scale factor comes from the file, adopt_pretrained_latent_scale). A resume takes the two from its
+    run's config.yaml instead: the VAE it trained with, whatever demo_vae says now (the resume check lists a
+    changed demo_vae)."""
     spec = cfg.get("demo_vae")
     if not spec:
         return
     recorded = run_dir_of(Path(resume_from)) if resume_from else None
     if recorded is not None:
-        started = OmegaConf.load(recorded / "config.yaml")
+        started = OmegaConf.load(recorded / RUN_CONFIG)
         cfg.pretrained, cfg.pretrained_parts = started.get("pretrained"), started.get("pretrained_parts")
-        cfg.model.scale_factor = started.model.scale_factor
         return
     if cfg.get("pretrained"):
         raise ConfigError(
@@ -110,7 +110,7 @@ def ensure_demo_vae(cfg: DictConfig, resume_from: str | None) -> None:
     except ValueError as error:
         raise ConfigError("demo_vae", str(error), "demo_vae: {out, steps, lr, patch_size, batch_size, ...}") from None
     LOGGER.info(describe(vae))
-    cfg.pretrained, cfg.pretrained_parts, cfg.model.scale_factor = str(vae.path), ["vae"], vae.scale_factor
+    cfg.pretrained, cfg.pretrained_parts = str(vae.path), ["vae"]
 
 
 def adopt_pretrained_latent_scale(cfg: DictConfig) -> None:
@@ -258,7 +258,7 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> di
     except ValueError as error:  # a checkpoint of the wrong kind for the strategy (the message names the fix)
         raise ConfigError("resume", str(error)) from None
     ensure_demo_vae(cfg, ckpt_path)  # sets pretrained (the demo's trained VAE) before the resume check compares it
-    adopt_pretrained_latent_scale(cfg)
+    adopt_pretrained_latent_scale(cfg)  # ... and the scale factor of the VAE it names
     check_resume(cfg, ckpt_path)
     check_resume_layout(cfg, ckpt_path)
     validation = validation_plan(cfg, ckpt_path)  # the held-out shards; training reads validation.train_data

@@ -14,14 +14,15 @@ benchmark (the network's cost and every code path are the same; the numbers are 
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 import tempfile
 from pathlib import Path
 
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+
+from sgm.checkpoint.fingerprints import file_sha256
+from sgm.checkpoint.io import atomic_write
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = URL_INCEPTION_V3  # torch-fidelity's GitHub release of the file above
@@ -32,13 +33,6 @@ _NAME = "inception-v3-compat"  # torch-fidelity's registry name of this network
 
 class MissingWeightsError(FileNotFoundError):
     """A feature extractor's weights file is not there; the message says which and where to get it."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def require_weights_file(path: str | os.PathLike | None, what: str, how_to_get: str) -> Path:
@@ -99,11 +93,7 @@ class InceptionFeatures(torch.nn.Module):
     def weights_sha256(self) -> str:
         """sha256 of the weights file (computed once): names the network in caches and reports."""
         if self._fingerprint is None:
-            digest = hashlib.sha256()
-            with open(self.weights_path, "rb") as file:
-                for block in iter(lambda: file.read(1 << 20), b""):
-                    digest.update(block)
-            self._fingerprint = digest.hexdigest()
+            self._fingerprint = file_sha256(self.weights_path)
         return self._fingerprint
 
     @property
@@ -156,11 +146,4 @@ def write_random_weights(path: str | os.PathLike, seed: int = 0) -> Path:
         else:
             fan_in = value[0].numel()
             value.copy_(torch.randn(value.shape, generator=generator) * (2.0 / fan_in) ** 0.5)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))

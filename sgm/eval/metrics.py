@@ -31,10 +31,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from sgm.checkpoint.io import atomic_write
 from sgm.diffusion.samplers import DPMPP2MSampler
 
 if TYPE_CHECKING:
     from sgm.eval.fid import FeatureStats
+    from sgm.eval.inception import InceptionFeatures
 
 SAMPLER = "dpmpp2m"
 METRIC_NAMES = ("fid", "kid_mean", "kid_std", "clip_score")
@@ -77,7 +79,7 @@ def eval_jobs(prompts: Sequence[str], settings: EvalSettings) -> list[Job]:
     """Every image of an evaluation in order: image i is prompt i mod P from noise seed settings.seed + i."""
     if not prompts:
         raise ValueError("no prompts to evaluate")
-    count = len(prompts) if settings.num_samples is None else settings.num_samples
+    count = _count(prompts, settings)
     return [Job(i, prompts[i % len(prompts)], settings.seed + i) for i in range(count)]
 
 
@@ -127,10 +129,10 @@ def _count(prompts: Sequence[str], settings: EvalSettings) -> int:
     return len(prompts) if settings.num_samples is None else settings.num_samples
 
 
-def image_features(images: Tensor, inception: torch.nn.Module) -> Tensor:
-    """Inception pool features (float64 [n, 2048], CPU) of uint8 images, on the extractor's device."""
-    device = next(inception.parameters()).device
-    return inception(images.to(device)).double().cpu()
+def image_features(images: Tensor, inception: InceptionFeatures) -> Tensor:
+    """Inception pool features (float64 [n, 2048], CPU) of uint8 images (the extractor moves them, chunk by chunk,
+    to its device)."""
+    return inception(images).cpu()
 
 
 def metrics_from_features(
@@ -256,12 +258,9 @@ def default_out_dir(source: str | os.PathLike) -> Path:
 
 def write_report(record: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     """metrics.json and metrics.md in out_dir (written atomically); their paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = (out_dir / "metrics.json", out_dir / "metrics.md")
     for path, text in zip(paths, (json.dumps(record, indent=2) + "\n", markdown_table(record))):
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
+        atomic_write(path, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
     return paths
 
 

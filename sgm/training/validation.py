@@ -39,6 +39,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from sgm.checkpoint.io import atomic_write
 from sgm.data.validation_set import (
     describe_shards,
     held_out_processor,
@@ -95,9 +96,8 @@ def keep_steps_until(run_dir: str | os.PathLike, step: int) -> set[int]:
     records = read_validation_log(run_dir)
     kept = [r for r in records if int(r["step"]) <= step]
     if path.is_file() and len(kept) != len(path.read_text().splitlines()):
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, path)
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        atomic_write(path, lambda tmp: tmp.write_text(text))
     return {int(r["step"]) for r in kept}
 
 

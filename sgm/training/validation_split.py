@@ -16,13 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from sgm.checkpoint.io import atomic_write
 from sgm.data.shard_list import expand_shards
 from sgm.data.validation_set import shard_name
 from sgm.training.preflight import ConfigError
@@ -122,12 +122,8 @@ def read_split(run_dir: Path | None) -> dict[str, Any] | None:
 
 def write_split(run_dir: Path, split: dict[str, Any]) -> Path:
     """Record the split in `<run_dir>/validation_split.json` (atomically)."""
-    path = Path(run_dir) / SPLIT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(split, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(split, indent=1) + "\n"
+    return atomic_write(Path(run_dir) / SPLIT_FILE, lambda tmp: tmp.write_text(text))
 
 
 def validation_plan(cfg: DictConfig, checkpoint: str | None = None) -> ValidationPlan:

@@ -52,7 +52,7 @@ from sgm.data.latent_loader import (
     read_text_embeddings,
 )
 from sgm.data.samples import ImageProcessor, ImageSample
-from sgm.data.shard_list import expand_shards
+from sgm.data.shard_list import expand_shards, shard_name
 from sgm.data.stream import SlotStream, StreamConfig
 from sgm.models.sdxl import SDXL
 
@@ -177,7 +177,7 @@ def output_name(url: str) -> str:
     tokens = [t for t in re.split(r"\s+", url.removeprefix("pipe:")) if ".tar" in t]
     if not tokens:
         raise ValueError(f"cannot name the output shard for {url!r}: give input shards whose names contain .tar")
-    base = tokens[-1].split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+    base = shard_name(url)  # the same name the validation holdout hashes
     return base[: base.index(".tar")] + ".tar"
 
 

@@ -189,13 +189,28 @@ def shard_sizes(urls: Sequence[str]) -> list[int] | None:
 @functools.lru_cache(maxsize=4 * BALANCE_MAX_SHARDS)
 def _count_samples(path: str, mtime_ns: int, size: int) -> int:
     """Sample keys in a local tar, from its headers only (mtime and size key the cache)."""
-    count, last = 0, None
+    count = 0
     with contextlib.suppress(Exception), open(path, "rb") as file:  # a weight only: keep what was counted
-        for name in _member_names(file):
-            prefix = base_plus_ext(name)[0]
-            if prefix is not None and prefix != last:
-                count, last = count + 1, prefix
+        for _ in tar_sample_keys(file):
+            count += 1
     return count
+
+
+def tar_sample_keys(file: Any) -> Iterator[str]:
+    """The sample keys of an open local tar in order, from its member headers alone (no data read)."""
+    last = None
+    for name in _member_names(file):
+        prefix = base_plus_ext(name)[0]
+        if prefix is not None and prefix != last:
+            last = prefix
+            yield prefix
+
+
+def shard_name(url: str) -> str:
+    """The file name of a shard path or URL (in `pipe:...`, of its last argument naming a .tar)."""
+    tokens = url.removeprefix("pipe:").split()
+    token = next((t for t in reversed(tokens) if ".tar" in t), tokens[-1] if tokens else url)
+    return token.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
 
 
 def _member_names(file: Any) -> Iterator[str]:

@@ -20,11 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from webdataset.tariterators import base_plus_ext
 
 from sgm.data.latent_loader import LATENT_EXT, LatentProcessor
 from sgm.data.samples import ImageProcessor, SampleProcessor, Skip
-from sgm.data.shard_list import _member_names, iter_shard, local_tar_path
+from sgm.data.shard_list import iter_shard, local_tar_path, shard_name, tar_sample_keys
 
 _SAMPLE_DOMAIN = 0  # the stream's RNG domain for per-sample draws (stream.py), for processors that need one
 
@@ -59,13 +58,6 @@ def held_out_processor(training: SampleProcessor, shards: Sequence[str]) -> Samp
     return fixed_processor(training)
 
 
-def shard_name(url: str) -> str:
-    """The file name of a shard path or URL (in `pipe:...`, of its .tar argument): what the holdout hashes."""
-    tokens = url.removeprefix("pipe:").split()
-    token = next((t for t in reversed(tokens) if ".tar" in t), tokens[-1] if tokens else url)
-    return token.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
-
-
 def select_held_out(shards: Sequence[str], max_samples: int, errors: Counter | None = None) -> list[HeldOutEntry]:
     """The first `max_samples` samples of `shards` by (key, shard name); reads keys only (local tars: the headers)."""
     found: list[tuple[str, str, int, int]] = []
@@ -80,14 +72,9 @@ def shard_keys(url: str, errors: Counter | None = None) -> list[str]:
     """The sample keys of a shard in order (iter_shard's samples): a local tar's from its headers alone."""
     path = local_tar_path(url)
     if path is not None:
-        keys: list[str] = []
         try:
             with open(path, "rb") as file:
-                for name in _member_names(file):
-                    prefix = base_plus_ext(name)[0]
-                    if prefix is not None and (not keys or keys[-1] != prefix):
-                        keys.append(prefix)
-            return keys
+                return list(tar_sample_keys(file))
         except (OSError, tarfile.TarError):
             pass  # read it as iter_shard does, which counts the failure
     return [str(raw["__key__"]) for raw in iter_shard(url, _count_into(errors))]

@@ -23,8 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sgm.checkpoint.io import atomic_write
-from sgm.data.shard_list import expand_shards
-from sgm.data.validation_set import shard_name
+from sgm.data.shard_list import expand_shards, shard_name
 from sgm.training.preflight import ConfigError
 
 SPLIT_FILE = "validation_split.json"
